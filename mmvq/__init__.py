@@ -1,0 +1,2 @@
+from . import utils
+from .version import __version__

@@ -1,0 +1,207 @@
+"""AdaLog: adaptive-logarithm-base quantizer (AdaLog, ECCV'24).
+
+Follows the reference ``quantizers/logarithm.py::AdaLogQuantizer`` and
+``ShiftAdaLogQuantizer`` (GoatWu/AdaLog):
+
+* base ``b = 2^(q/r)`` with ``r = 37`` fixed and the integer ``q`` searched
+  (candidates 10..138; ``q = r`` is log2): codes
+  ``x_q = round(-log2(clamp(x / s, 1e-15, 1)) * r / q)``; codes ``>= 2^b``
+  (values too small for the grid) dequantize to exact 0, the rest are clamped
+  to ``[0, 2^b - 1]``.
+* hardware-friendly dequantization by two lookup tables of ``2^b`` entries:
+  ``T1[i] = floor(i q / r)`` (an integer shift) and
+  ``T2[i] = round(2^(-((q i) mod r) / r) (2^(b+1) - 2)) / (2^(b+1) - 2)``
+  (a fractional multiplier on a (b+1)-bit grid), ``x_hat = 2^-T1 T2 s``.
+* shifted variant for post-GELU activations: quantizes ``x + shift``
+  (``shift`` initialised to 0.16997, about ``|min GELU|``) and returns
+  ``Q(x + shift) - shift``; after :meth:`fold_shift_into` the following
+  Linear's bias absorbs ``-W shift`` (bias reparameterization,
+  ``b' = b - W (shift 1)``) and the quantizer returns ``Q(x + shift)``.
+
+Calibration here is a self-contained MSE search on the observed data (all
+129 ``q`` candidates, jointly with scale candidates from upper percentiles
+0.9..1.0 for post-GELU, scale fixed to 1 for post-softmax as the reference).
+The layer-output FPCS of the paper lives in :mod:`mmvq.calibration` and
+refines these parameters; the quantizer only exposes
+:meth:`fake_quant_candidates` so searches can evaluate many (q, s) at once.
+"""
+import torch
+
+from ..registry import QUANTIZERS
+from .base import BaseQuantizer
+from .observers import SampleStore
+
+GELU_SHIFT = 0.16997124254703522
+
+
+def adalog_tables(q, r, bits):
+    """Lookup tables T1 (int shift) and T2 (multiplier) for each code."""
+    i = torch.arange(2 ** bits, dtype=torch.float64, device=q.device)
+    q = q.double().reshape(-1, 1)
+    grid = 2 ** (bits + 1) - 2
+    t1 = torch.floor(i * q / r)
+    t2 = torch.round(2.0 ** (-torch.remainder(q * i, r) / r) * grid) / grid
+    return t1, t2
+
+
+def adalog_codes(x, scale, q, r, bits):
+    """Codes and the zero mask for base ``2^(q/r)`` (broadcasting)."""
+    scaled = torch.clamp(x / scale, min=1e-15, max=1.0)
+    codes = torch.round(-torch.log2(scaled) * r / q)
+    zero = codes >= 2 ** bits
+    return torch.clamp(codes, 0, 2 ** bits - 1), zero
+
+
+@QUANTIZERS.register_module()
+class AdaLogQuantizer(BaseQuantizer):
+    """Adaptive-base log quantizer for post-Softmax / post-GELU activations.
+
+    Args:
+        bits (int): code bits.
+        r (int): fixed denominator of the base exponent (reference: 37).
+        shift (float | None): ``None`` for post-softmax (non-negative input);
+            a float (default :data:`GELU_SHIFT`) for the shifted post-GELU
+            variant.
+        fixed_scale (float | None): keep the scale fixed (post-softmax: 1).
+        q_candidates (tuple[int, int]): inclusive range of searched ``q``.
+        enabled (bool): ``False`` makes it the identity.
+    """
+
+    kind = 'adalog'
+
+    def __init__(self, bits=4, r=37, shift=None, fixed_scale=None, q_candidates=(10, 138),
+                 enabled=True):
+        super().__init__(bits, enabled)
+        self.r = int(r)
+        self.fixed_scale = fixed_scale
+        self.q_candidates = tuple(q_candidates)
+        self.shifted = shift is not None
+        self.register_buffer('q', torch.tensor([self.r], dtype=torch.long))
+        self.register_buffer('scale', torch.ones(1) * (fixed_scale or 1.0))
+        self.register_buffer('shift', torch.tensor([float(shift or 0.0)]))
+        self.register_buffer('bias_folded', torch.tensor(False))
+        t1, t2 = adalog_tables(self.q, self.r, bits)
+        self.register_buffer('table1', t1.reshape(-1).float())
+        self.register_buffer('table2', t2.reshape(-1).float())
+        self.reset_observer()
+
+    def reset_observer(self):
+        self.store = SampleStore(None, max_columns=1 << 18)
+
+    def observe(self, x):
+        self.store.update(x)
+
+    def set_params(self, q=None, scale=None, shift=None):
+        if q is not None:
+            self._set_buffer('q', torch.as_tensor(q, dtype=torch.long).reshape(1))
+            t1, t2 = adalog_tables(self.q, self.r, self.bits)
+            self._set_buffer('table1', t1.reshape(-1).float())
+            self._set_buffer('table2', t2.reshape(-1).float())
+        if scale is not None:
+            self._set_buffer('scale', torch.as_tensor(scale, dtype=torch.float32).reshape(1))
+        if shift is not None:
+            self._set_buffer('shift', torch.as_tensor(shift, dtype=torch.float32).reshape(1))
+        self.calibrated.fill_(True)
+
+    # ---------------------------------------------------------- arithmetic
+    def quantize(self, x):
+        """Codes (float tensor) and the zero mask of ``x`` (shift applied)."""
+        return adalog_codes(x + self.shift, self.scale, self.q.float(), self.r, self.bits)
+
+    def dequantize(self, codes, zero):
+        idx = codes.long()
+        out = torch.pow(2.0, -self.table1[idx]) * self.table2[idx] * self.scale
+        return out.masked_fill(zero, 0.0)
+
+    def fake_quant(self, x):
+        codes, zero = self.quantize(x)
+        out = self.dequantize(codes, zero).to(x.dtype)
+        if self.shifted and not bool(self.bias_folded):
+            out = out - self.shift
+        return out
+
+    def fake_quant_candidates(self, x, q, scale):
+        """Fake-quantize ``x`` for many (q, scale) at once (search helper).
+
+        Args:
+            x (Tensor): input, any shape ``S``.
+            q (Tensor): ``(K,)`` candidate q values.
+            scale (Tensor): ``(K,)`` candidate scales.
+
+        Returns:
+            Tensor: ``(K, *S)``; the shift is applied and removed as in
+            :meth:`fake_quant` before folding.
+        """
+        view = (-1, ) + (1, ) * x.dim()
+        qf, sf = q.float().reshape(view), scale.float().reshape(view)
+        codes, zero = adalog_codes((x + self.shift)[None], sf, qf, self.r, self.bits)
+        grid = 2 ** (self.bits + 1) - 2
+        t1 = torch.floor(codes * qf / self.r)
+        t2 = torch.round(2.0 ** (-torch.remainder(qf * codes, self.r) / self.r) * grid) / grid
+        out = (torch.pow(2.0, -t1) * t2 * sf).masked_fill(zero, 0.0)
+        if self.shifted and not bool(self.bias_folded):
+            out = out - self.shift
+        return out
+
+    def candidate_grid(self, data, n_scales=16):
+        """All (q, scale) pairs of the default search."""
+        qs = torch.arange(self.q_candidates[0], self.q_candidates[1] + 1, dtype=torch.float32)
+        if self.fixed_scale is not None:
+            scales = torch.tensor([float(self.fixed_scale)])
+        else:
+            flat = (data + self.shift).reshape(-1)
+            pos = flat[flat > 0]
+            if pos.numel() == 0:
+                pos = flat.abs() + 1e-8
+            hi = pos.max()
+            lo = torch.quantile(pos[:1 << 24].float(), 0.9) if pos.numel() > 1 else hi
+            scales = torch.linspace(float(lo), float(hi), n_scales)
+        qq, ss = torch.meshgrid(qs, scales, indexing='ij')
+        return qq.reshape(-1), ss.reshape(-1)
+
+    def calibrate(self):
+        if self.store.empty:
+            raise RuntimeError('AdaLogQuantizer: no calibration data was observed')
+        data = self.store.data().reshape(-1)
+        qs, scales = self.candidate_grid(data)
+        best_err, best = None, 0
+        chunk = 64
+        for st in range(0, qs.numel(), chunk):
+            out = self.fake_quant_candidates(data, qs[st:st + chunk], scales[st:st + chunk])
+            err = (out - data[None]).pow(2).mean(dim=1)
+            val, idx = err.min(dim=0)
+            if best_err is None or val < best_err:
+                best_err, best = val, st + int(idx)
+        self.set_params(q=qs[best], scale=scales[best])
+
+    # ------------------------------------------------ bias reparameterization
+    def fold_shift_into(self, linear):
+        """Fold ``-W shift`` into ``linear.bias`` (AdaLog bias reparameterization).
+
+        After folding, :meth:`fake_quant` returns ``Q(x + shift)`` and
+        ``linear(Q(x + shift))`` equals ``linear_before(Q(x + shift) - shift)``.
+        The weight used is the one the layer computes with (its weight
+        quantizer's output if it has one), so the equality is exact up to
+        float rounding.
+        """
+        if not self.shifted:
+            raise ValueError('fold_shift_into needs the shifted (post-GELU) AdaLog variant')
+        if bool(self.bias_folded):
+            return
+        weight = linear.weight
+        wq = getattr(linear, 'weight_quantizer', None)
+        with torch.no_grad():
+            if wq is not None:
+                weight = wq(weight)
+            delta = -weight.sum(dim=1) * self.shift
+            if linear.bias is None:
+                linear.bias = torch.nn.Parameter(delta.clone())
+            else:
+                linear.bias.add_(delta.to(linear.bias.dtype))
+        self.bias_folded.fill_(True)
+
+    def summary(self):
+        base = f'2^({int(self.q)}/{self.r})'
+        return dict(kind=self.kind + ('+shift' if self.shifted else ''), bits=self.bits,
+                    granularity=f'tensor base={base}',
+                    scale=round(float(self.scale), 6))

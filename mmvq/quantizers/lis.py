@@ -1,0 +1,166 @@
+"""FQ-ViT Log-Int-Softmax (LIS).
+
+Follows FQ-ViT Sec. 3.3 (Eq. 9-13) and the reference ``QIntSoftmax``:
+
+1. The attention logits are uniformly quantized (scale ``s``) upstream, so
+   ``x_int = round(x / s)`` is an integer; Swin's shifted-window mask
+   (0 / -100) is added before the softmax and is rounded to the same grid.
+2. Integer exponential (I-BERT i-exp): ``x_int -= rowmax``;
+   ``x0 = floor(-ln2 / s)``; ``x_int = max(x_int, n * x0)``;
+   ``q = floor(x_int / x0)``, ``r = x_int - q * x0``; second-order polynomial
+   ``z = r (r + floor(b / (a s))) + floor(c / (a s^2))`` with
+   ``(a, b, c) = (0.35815147, 0.96963238, 1)``; ``exp_int = z << (n - q)``.
+   All in int64, ``n = 30`` as the reference.
+3. Log2 quantization without division: ``v = round(sum / exp_int)`` is the
+   reciprocal probability; ``k = log_round(v)`` (floor(log2 v), +1 when
+   ``v - 2^f >= 2^(f-1)``); codes ``k >= 2^b`` become exact zeros; otherwise
+   ``p_hat = 2^-min(k, 2^b - 1)``.
+4. attn @ V by bit shifts: ``out = sum_j V_int[j] << (K - k_ij)`` with
+   ``K = 2^b - 1`` then one scale ``s_v 2^-K`` — see :func:`lis_attn_v_shift`.
+   The reference computes this product in float; the shift form is the
+   paper's, and equals the float product exactly on integer V.
+
+Overflow (FQ-ViT issue #21): with n = 30 the row sum of ``exp_int`` reaches
+about ``N * 2^30 / (a s^2)``; int64 holds it for every realistic logit scale
+(``s >= 1e-4`` and ``N <= 4096`` stay below 2^62), but a 32-bit kernel would
+need a smaller n. Rows of the quantized probabilities do not sum to 1 (the
+log rounding and the zeroed tail codes); like the reference we do not
+renormalise.
+"""
+import math
+
+import torch
+
+from ..registry import QUANTIZERS
+from .base import BaseQuantizer, check_bits
+
+POLY = (0.35815147, 0.96963238, 1.0)
+LN2 = 0.6931
+
+
+def int_exp(x_int, scale, n=30):
+    """I-BERT integer exponential of non-positive integer logits.
+
+    Args:
+        x_int (Tensor): int64, ``<= 0``.
+        scale (float): logit scale ``s``.
+        n (int): range reduction limit (reference: 30).
+
+    Returns:
+        Tensor: int64 ``exp_int`` with ``exp(x_int * s) ~ exp_int * a s^2 / 2^n``.
+    """
+    a, b, c = POLY
+    x0 = math.floor(-LN2 / scale)
+    b_int = math.floor(b / a / scale)
+    c_int = math.floor(c / a / scale ** 2)
+    x_int = torch.clamp(x_int, min=n * x0)
+    q = torch.div(x_int, x0, rounding_mode='floor')
+    r = x_int - x0 * q
+    z = r * (r + b_int) + c_int
+    return torch.clamp(z << (n - q), min=0)
+
+
+def log_round(v):
+    """``floor(log2 v)`` rounded up when ``v - 2^f >= 2^(f-1)`` (v >= 1, int64)."""
+    f = torch.floor(torch.log2(v.double())).to(torch.int64)
+    # guard float log2 at exact powers of two
+    f = torch.where((1 << (f + 1)) <= v, f + 1, f)
+    f = torch.where((1 << f) > v, f - 1, f)
+    extra = (v - (1 << f)) >= torch.where(f > 0, 1 << (f - 1).clamp(min=0), torch.ones_like(f))
+    return f + (extra & (f > 0)).to(torch.int64)
+
+
+def log_int_softmax(logits, scale, bits=4, n=30, mask=None):
+    """Integer softmax followed by log2 quantization.
+
+    Args:
+        logits (Tensor): fake-quantized logits (multiples of ``scale``).
+        scale (float): their scale.
+        bits (int): code bits of the log2 quantizer (FQ-ViT: 4).
+        n (int): i-exp range limit.
+        mask (Tensor | None): additive mask (0 / negative) broadcastable to
+            ``logits``, added on the integer grid.
+
+    Returns:
+        tuple[Tensor, Tensor]: codes ``k`` (int64, ``2^b - 1`` at most) and a
+        bool tensor, ``True`` where the probability is an exact zero.
+    """
+    x_int = torch.round(logits.double() / scale).to(torch.int64)
+    if mask is not None:
+        x_int = x_int + torch.round(mask.double() / scale).to(torch.int64)
+    x_int = x_int - x_int.amax(dim=-1, keepdim=True)
+    exp_int = int_exp(x_int, scale, n)
+    total = exp_int.sum(dim=-1, keepdim=True)
+    zero = exp_int == 0
+    safe = torch.where(zero, torch.ones_like(exp_int), exp_int)
+    recip = torch.div(2 * total + safe, 2 * safe, rounding_mode='floor')   # round(total / exp)
+    recip = torch.clamp(recip, min=1, max=1 << 40)
+    k = log_round(recip)
+    zero = zero | (k >= 2 ** bits)
+    return torch.clamp(k, 0, 2 ** bits - 1), zero
+
+
+def lis_dequantize(codes, zero, dtype=torch.float32):
+    """``2^-k`` with exact zeros."""
+    out = torch.pow(2.0, -codes.to(dtype))
+    return out.masked_fill(zero, 0.0)
+
+
+def lis_attn_v_shift(codes, zero, v_int, bits=4):
+    """attn @ V with integer V and shifts only (FQ-ViT Eq. 13).
+
+    ``sum_j 2^-k_ij V_int[j] = 2^-K sum_j (V_int[j] << (K - k_ij))``, with
+    ``K = 2^b - 1``; the integer accumulation is returned with ``K`` so the
+    caller applies the single scale ``s_v 2^-K``.
+
+    Args:
+        codes (Tensor): int64 ``(..., N, M)``.
+        zero (Tensor): bool ``(..., N, M)``.
+        v_int (Tensor): int64 ``(..., M, D)`` (V codes minus zero point).
+        bits (int): log2 code bits.
+
+    Returns:
+        tuple[Tensor, int]: int64 ``(..., N, D)`` accumulator and ``K``.
+    """
+    k_max = 2 ** bits - 1
+    shift = (k_max - codes).masked_fill(zero, 0)
+    terms = v_int.unsqueeze(-3) << shift.unsqueeze(-1)           # (..., N, M, D)
+    terms = terms.masked_fill(zero.unsqueeze(-1), 0)
+    return terms.sum(dim=-2), k_max
+
+
+@QUANTIZERS.register_module()
+class LogIntSoftmax(BaseQuantizer):
+    """LIS as a softmax replacement: takes logits and their scale.
+
+    Used by :class:`mmvq.modules.QuantSoftmax` instead of a float softmax;
+    it needs no calibration of its own (the logits quantizer provides the
+    scale), exactly as the reference bypasses the softmax observer.
+
+    Args:
+        bits (int): log2 code bits (FQ-ViT: 4).
+        n (int): i-exp range limit (reference: 30).
+    """
+
+    kind = 'lis'
+
+    def __init__(self, bits=4, n=30, enabled=True):
+        super().__init__(check_bits(bits), enabled)
+        self.n = n
+        self.calibrated.fill_(True)
+
+    def observe(self, x):
+        pass
+
+    def calibrate(self):
+        pass
+
+    def softmax(self, logits, scale, mask=None):
+        codes, zero = log_int_softmax(logits, float(scale), self.bits, self.n, mask)
+        return lis_dequantize(codes, zero, logits.dtype)
+
+    def fake_quant(self, x):
+        raise RuntimeError('LogIntSoftmax quantizes logits, call .softmax(logits, scale)')
+
+    def summary(self):
+        return dict(kind=self.kind, bits=self.bits, granularity='tensor (log2, int softmax)')

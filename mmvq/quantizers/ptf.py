@@ -1,0 +1,179 @@
+"""FQ-ViT Power-of-Two Factor (PTF) quantizer and integer LayerNorm.
+
+PTF (FQ-ViT, Sec. 3.2, Eq. 5-6; reference ``models/ptq/observer/ptf.py``):
+the LayerNorm input has strong inter-channel variation, so every channel c
+gets its own power-of-two factor ``2^alpha_c`` (``alpha_c in {0..K}``, K=3) on
+one layer-wise scale ``s`` and one zero point ``z``:
+
+    x_q[c] = clamp(round(x[c] / (s 2^alpha_c)) + z, 0, 2^b - 1)
+
+Calibration (as the reference): from the layer-wise range [min, max] over all
+channels, ``s_K = (max - min) / (2^b - 1)`` (the scale of the largest factor),
+``z = clamp(-round(min / s_K))``, ``s = s_K / 2^K``; then per channel the
+``alpha`` in ``0..K`` minimising the L2 quantization error. Deliberate
+differences: the reference searches on the last calibration batch only; we
+search on a bounded sample of all calibration batches, and the range is the
+running min/max over all of them. ``tied_channels=k`` makes k consecutive
+channels share one factor: mmdet's ``PatchMerging`` builds its 4C LayerNorm
+input with ``nn.Unfold`` whose channel order is ``c * 4 + offset``, so k=4
+gives FQ-ViT's ``in_scale_expand=4`` (one factor per original channel).
+
+Integer LayerNorm (FQ-ViT Eq. 7-8; reference ``QIntLayerNorm`` mode ``int``):
+with the factors, ``x_q[c] 2^alpha_c`` (a left shift of the code minus the
+zero point) is an integer on the common scale ``s``. Mean and variance are
+integer sums (``sum x``, ``sum x^2`` in int64, exact). Per row, the affine
+``gamma / (std * s_out)`` is encoded as a dyadic ``sign * M / 2^N`` with an
+8-bit ``M`` and the shift ``B`` as an integer, and the output code is
+``round((sign M x + B) / 2^N)`` (plus the output zero point, clamped).
+As in the reference, the square root and the per-row dyadic coefficients are
+computed in float (one per row, not per element) and LayerNorm's ``eps`` is
+dropped; everything applied elementwise to activations is integer.
+"""
+import torch
+
+from ..registry import QUANTIZERS
+from .base import BaseQuantizer
+from .observers import MinMaxObserver, SampleStore
+from .uniform import fake_quant_affine
+
+
+@QUANTIZERS.register_module()
+class PTFQuantizer(BaseQuantizer):
+    """Layer-wise scale with per-channel power-of-two factors (last axis).
+
+    Args:
+        bits (int): bit width (unsigned, asymmetric).
+        max_factor (int): K, factors are ``2^0 .. 2^K`` (FQ-ViT: 3).
+        tied_channels (int): consecutive channels sharing one factor.
+        enabled (bool): ``False`` makes it the identity.
+    """
+
+    kind = 'ptf'
+
+    def __init__(self, bits=8, max_factor=3, tied_channels=1, enabled=True):
+        super().__init__(bits, enabled)
+        self.max_factor = max_factor
+        self.tied_channels = tied_channels
+        self.qmin, self.qmax = 0, 2 ** bits - 1
+        self.register_buffer('scale', torch.ones(1))        # base scale s
+        self.register_buffer('zero_point', torch.zeros(1))
+        self.register_buffer('alpha', torch.zeros(1, dtype=torch.long))
+        self.reset_observer()
+
+    def reset_observer(self):
+        self.observer = MinMaxObserver(ch_axis=-1)
+        self.store = SampleStore(ch_axis=-1, max_columns=8192)
+
+    def observe(self, x):
+        self.observer.update(x)
+        self.store.update(x)
+
+    def calibrate(self):
+        if self.observer.empty:
+            raise RuntimeError('PTFQuantizer: no calibration data was observed')
+        xmin = torch.clamp(self.observer.min.min(), max=0.0)
+        xmax = torch.clamp(self.observer.max.max(), min=0.0)
+        scale_k = torch.clamp((xmax - xmin) / (self.qmax - self.qmin), min=1e-8)
+        zp = torch.clamp(self.qmin - torch.round(xmin / scale_k), self.qmin, self.qmax)
+        base = scale_k / 2 ** self.max_factor
+        data = self.store.data()                                      # (C, N)
+        c = data.shape[0]
+        if c % self.tied_channels:
+            raise ValueError(f'tied_channels={self.tied_channels} does not divide {c} channels')
+        factors = 2.0 ** torch.arange(self.max_factor + 1, dtype=torch.float32)
+        scales = (base * factors)[:, None, None]                       # (K+1, 1, 1)
+        err = (fake_quant_affine(data[None], scales, zp, self.qmin, self.qmax)
+               - data[None]).pow(2).sum(dim=2)                         # (K+1, C)
+        err = err.reshape(len(factors), c // self.tied_channels, self.tied_channels).sum(2)
+        alpha = err.argmin(dim=0).repeat_interleave(self.tied_channels)
+        self._set_buffer('scale', base.reshape(1))
+        self._set_buffer('zero_point', zp.reshape(1))
+        self._set_buffer('alpha', alpha)
+        self.calibrated.fill_(True)
+
+    def channel_scale(self):
+        """Per-channel scales ``s * 2^alpha_c`` (C,)."""
+        return self.scale * (2.0 ** self.alpha.float())
+
+    def quantize(self, x):
+        return torch.clamp(torch.round(x / self.channel_scale()) + self.zero_point,
+                           self.qmin, self.qmax)
+
+    def dequantize(self, q):
+        return (q - self.zero_point) * self.channel_scale()
+
+    def fake_quant(self, x):
+        return fake_quant_affine(x, self.channel_scale(), self.zero_point, self.qmin, self.qmax)
+
+    def summary(self):
+        hist = torch.bincount(self.alpha.reshape(-1), minlength=self.max_factor + 1).tolist()
+        return dict(kind=self.kind, bits=self.bits,
+                    granularity=f'tensor+pow2(channel) K={self.max_factor}',
+                    alpha_hist=hist if bool(self.calibrated) else '-')
+
+
+def dyadic(a, bits=8, max_shift=31):
+    """Encode positive ``a`` as ``M / 2^N`` with a ``bits``-bit ``M`` (FQ-ViT get_MN)."""
+    n = torch.clamp(bits - 1 - torch.floor(torch.log2(a)), 0, max_shift)
+    m = torch.clamp(torch.floor(a * 2.0 ** n), 0, 2 ** bits - 1)
+    return m, n
+
+
+def int_layer_norm(codes, zero_point, alpha, in_scale, weight, bias, out_scale,
+                   out_zero_point, out_qmin, out_qmax, m_bits=8):
+    """Integer LayerNorm over the last axis on PTF codes.
+
+    Args:
+        codes (Tensor): PTF integer codes ``x_q`` (any float/int dtype).
+        zero_point (Tensor): PTF zero point (scalar).
+        alpha (Tensor): per-channel factors (C,), long.
+        in_scale (Tensor): PTF base scale ``s`` (scalar).
+        weight, bias (Tensor): LayerNorm affine (C,).
+        out_scale, out_zero_point (Tensor): uniform output quantizer (scalars).
+        out_qmin, out_qmax (int): output code range.
+        m_bits (int): bits of the dyadic multiplier ``M``.
+
+    Returns:
+        tuple[Tensor, Tensor]: integer output codes (int64) and their
+        dequantized values ``(y_q - z_out) * s_out`` (float32).
+    """
+    x = (codes.to(torch.int64) - zero_point.to(torch.int64)) << alpha.to(torch.int64)
+    c = x.shape[-1]
+    sum1 = x.sum(dim=-1, keepdim=True)
+    sum2 = (x * x).sum(dim=-1, keepdim=True)
+    var_num = (c * sum2 - sum1 * sum1).to(torch.float64)              # C^2 var / s^2
+    std = in_scale.double() / c * torch.sqrt(var_num).clamp(min=1e-12)   # float std of x_hat
+    mean = sum1.double() / c * in_scale.double()
+    w = weight.double()
+    a = in_scale.double() / std * w / out_scale.double()                # (..., C)
+    sign = torch.sign(a)
+    m, n = dyadic(a.abs(), m_bits)
+    b = torch.round((bias.double() - mean / std * w) / out_scale.double() * 2.0 ** n)
+    m_int = (sign * m).to(torch.int64)
+    b_int = b.to(torch.int64)
+    n_int = n.to(torch.int64)
+    # round(v / 2^N) for integer v: floor((v + 2^(N-1)) / 2^N) (ties up);
+    # N = 0 needs no rounding.
+    v = m_int * x + b_int
+    half = torch.where(n_int > 0, (1 << (n_int - 1).clamp(min=0)), torch.zeros_like(n_int))
+    y = (v + half) >> n_int
+    y_q = torch.clamp(y + out_zero_point.to(torch.int64), out_qmin, out_qmax)
+    return y_q, (y_q - out_zero_point.to(torch.int64)).float() * out_scale
+
+
+def int_layer_norm_reference(codes, zero_point, alpha, in_scale, weight, bias, out_scale,
+                             out_zero_point, out_qmin, out_qmax, m_bits=8):
+    """Float64 evaluation of the integer-LayerNorm definition (for tests)."""
+    x = (codes.double() - zero_point.double()) * 2.0 ** alpha.double()
+    c = x.shape[-1]
+    sum1 = x.sum(-1, keepdim=True)
+    sum2 = (x * x).sum(-1, keepdim=True)
+    std = in_scale.double() / c * torch.sqrt(c * sum2 - sum1 * sum1).clamp(min=1e-12)
+    mean = sum1 / c * in_scale.double()
+    w = weight.double()
+    a = in_scale.double() / std * w / out_scale.double()
+    m, n = dyadic(a.abs(), m_bits)
+    b = torch.round((bias.double() - mean / std * w) / out_scale.double() * 2.0 ** n)
+    y = torch.floor((torch.sign(a) * m * x + b) / 2.0 ** n + 0.5)
+    y_q = torch.clamp(y + out_zero_point.double(), out_qmin, out_qmax)
+    return y_q.to(torch.int64), ((y_q - out_zero_point.double()) * out_scale.double()).float()

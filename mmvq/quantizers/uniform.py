@@ -1,0 +1,169 @@
+"""Uniform (linear) quantizer: the baseline of every ViT PTQ paper.
+
+Fake quantization follows the standard affine scheme
+``q = clamp(round(x / s) + z, qmin, qmax)``, ``x_hat = (q - z) * s``.
+
+* asymmetric: ``[qmin, qmax] = [0, 2^b - 1]``, ``s = (max - min) / (2^b - 1)``,
+  ``z = clamp(qmin - round(min / s))``; the range is widened to contain 0 so
+  that zero (padding, masked tokens) is exact.
+* symmetric: ``[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]``, ``z = 0``,
+  ``s = max(|min|, |max|) / (2^(b-1) - 1)``. FQ-ViT divides by
+  ``(qmax - qmin) / 2 = 127.5`` at 8 bit; we divide by ``qmax`` so the largest
+  magnitude is representable without clamping (deliberate difference).
+
+Range estimators (FQ-ViT ``--quant-method``): ``minmax`` (running extremes),
+``ema`` (EMA of per-batch extremes), ``percentile`` (mean over batches of the
+per-batch ``100-p``/``p`` percentiles), ``omse`` (FQ-ViT's OMSE: shrink the
+min-max range by ``1 - 0.01 i``, ``i = 0..89``, and keep the one with the
+least squared quantization error on the stored calibration sample, per
+channel when per-channel).
+
+Granularity: ``tensor``; ``channel`` along ``ch_axis`` (weights: axis 0 =
+output channel); ``head`` is channel-wise along axis 1 of ``(B, heads, N, d)``
+attention operands (AdaLog's ``head_channel_wise``).
+"""
+import torch
+
+from ..registry import QUANTIZERS
+from .base import BaseQuantizer
+from .observers import MinMaxObserver, PercentileObserver, SampleStore, move_channel_first
+
+OBSERVERS = ('minmax', 'ema', 'percentile', 'omse')
+
+
+def qrange(bits, symmetric):
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def affine_params(xmin, xmax, bits, symmetric, eps=1e-8):
+    """Scale and zero point covering ``[xmin, xmax]`` (tensors of equal shape)."""
+    qmin, qmax = qrange(bits, symmetric)
+    xmin = torch.clamp(xmin, max=0.0)
+    xmax = torch.clamp(xmax, min=0.0)
+    if symmetric:
+        scale = torch.maximum(xmin.abs(), xmax) / qmax
+        scale = torch.clamp(scale, min=eps)
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = torch.clamp((xmax - xmin) / (qmax - qmin), min=eps)
+        zero_point = torch.clamp(qmin - torch.round(xmin / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def fake_quant_affine(x, scale, zero_point, qmin, qmax):
+    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+@QUANTIZERS.register_module()
+class UniformQuantizer(BaseQuantizer):
+    """Uniform affine quantizer with min-max / EMA / percentile / OMSE ranges.
+
+    Args:
+        bits (int): bit width (2-8).
+        symmetric (bool): signed symmetric (weights) or unsigned asymmetric.
+        granularity (str): ``'tensor'``, ``'channel'`` or ``'head'``.
+        ch_axis (int): channel axis for ``'channel'`` (default -1; weights use 0).
+        observer (str): ``'minmax'``, ``'ema'``, ``'percentile'`` or ``'omse'``.
+        momentum (float): EMA momentum for ``'ema'``.
+        percentile (float): upper percentile for ``'percentile'``.
+        enabled (bool): ``False`` makes it the identity.
+    """
+
+    kind = 'uniform'
+
+    def __init__(self, bits=8, symmetric=False, granularity='tensor', ch_axis=-1,
+                 observer='minmax', momentum=0.9, percentile=99.99, enabled=True):
+        super().__init__(bits, enabled)
+        if granularity not in ('tensor', 'channel', 'head'):
+            raise ValueError(f"granularity={granularity!r}: use 'tensor', 'channel' or 'head'")
+        if observer not in OBSERVERS:
+            raise ValueError(f'observer={observer!r}: use one of {OBSERVERS}')
+        self.symmetric = symmetric
+        self.granularity = granularity
+        self.ch_axis = {'tensor': None, 'channel': ch_axis, 'head': 1}[granularity]
+        self.observer_name = observer
+        self.momentum = momentum
+        self.percentile = percentile
+        self.qmin, self.qmax = qrange(bits, symmetric)
+        self.register_buffer('scale', torch.ones(1))
+        self.register_buffer('zero_point', torch.zeros(1))
+        self.reset_observer()
+
+    def reset_observer(self):
+        if self.observer_name == 'percentile':
+            self.observer = PercentileObserver(self.ch_axis, self.percentile)
+        else:
+            self.observer = MinMaxObserver(
+                self.ch_axis, self.momentum if self.observer_name == 'ema' else None)
+        self.store = SampleStore(self.ch_axis) if self.observer_name == 'omse' else None
+
+    def observe(self, x):
+        self.observer.update(x)
+        if self.store is not None:
+            self.store.update(x)
+
+    # --------------------------------------------------------- parameters
+    def set_range(self, xmin, xmax):
+        """Set parameters from a range (1-D tensors of length C or 1)."""
+        scale, zp = affine_params(xmin.float().reshape(-1), xmax.float().reshape(-1),
+                                  self.bits, self.symmetric)
+        self._set_buffer('scale', scale)
+        self._set_buffer('zero_point', zp)
+        self.calibrated.fill_(True)
+
+    def set_params(self, scale, zero_point):
+        self._set_buffer('scale', torch.as_tensor(scale, dtype=torch.float32).reshape(-1))
+        self._set_buffer('zero_point', torch.as_tensor(zero_point, dtype=torch.float32).reshape(-1))
+        self.calibrated.fill_(True)
+
+    def calibrate(self):
+        if self.observer.empty:
+            raise RuntimeError(f'{type(self).__name__}: no calibration data was observed')
+        xmin, xmax = self.observer.min, self.observer.max
+        if self.observer_name == 'omse':
+            xmin, xmax = self._omse_search(self.store.data(), xmin, xmax)
+        self.set_range(xmin, xmax)
+
+    def _omse_search(self, data, xmin, xmax, steps=90):
+        """FQ-ViT OMSE: per channel, the shrink factor with least L2 error."""
+        ratios = 1.0 - 0.01 * torch.arange(steps, dtype=torch.float32, device=data.device)
+        cand_min = xmin[None, :] * ratios[:, None]              # (S, C)
+        cand_max = xmax[None, :] * ratios[:, None]
+        scale, zp = affine_params(cand_min, cand_max, self.bits, self.symmetric)
+        x = data[None]                                          # (1, C, N)
+        err = (fake_quant_affine(x, scale[..., None], zp[..., None], self.qmin, self.qmax)
+               - x).pow(2).sum(dim=2)                           # (S, C)
+        best = err.argmin(dim=0)
+        idx = torch.arange(xmin.numel(), device=data.device)
+        return cand_min[best, idx], cand_max[best, idx]
+
+    # ---------------------------------------------------------- arithmetic
+    def _view(self, p, x):
+        if self.ch_axis is None or p.numel() == 1:
+            return p.reshape(())
+        shape = [1] * x.dim()
+        shape[self.ch_axis % x.dim()] = -1
+        return p.reshape(shape)
+
+    def quantize(self, x):
+        """Integer codes in ``[qmin, qmax]`` (as float tensor)."""
+        s, z = self._view(self.scale, x), self._view(self.zero_point, x)
+        return torch.clamp(torch.round(x / s) + z, self.qmin, self.qmax)
+
+    def dequantize(self, q):
+        return (q - self._view(self.zero_point, q)) * self._view(self.scale, q)
+
+    def fake_quant(self, x):
+        return fake_quant_affine(x, self._view(self.scale, x), self._view(self.zero_point, x),
+                                 self.qmin, self.qmax)
+
+    def summary(self):
+        gran = self.granularity if self.granularity != 'channel' else f'channel(axis={self.ch_axis})'
+        return dict(kind=self.kind, bits=self.bits, granularity=gran,
+                    symmetric=self.symmetric, observer=self.observer_name)
+
+
+__all__ = ['UniformQuantizer', 'affine_params', 'fake_quant_affine', 'qrange', 'move_channel_first']

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project virtual environment with every pinned dependency.
+#
+# Idempotent: a second run only checks versions. The mmcv 2.1.0 wheel (built from the
+# PyPI sdist with its C++ ops, ~20 min on 2 cores) is cached in $MMVQ_WHEEL_CACHE
+# (default ~/.cache/mmvq/wheels) and reused, so only a fresh machine pays the build.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${MMVQ_VENV:-$ROOT/.venv}"
+CACHE="${MMVQ_WHEEL_CACHE:-$HOME/.cache/mmvq/wheels}"
+PY="${PYTHON:-python3}"
+
+TORCH_VERSION=2.13.0
+MMCV_VERSION=2.1.0
+STAMP="$VENV/.mmvq-setup-stamp"
+STAMP_KEY="$(cat "$ROOT/requirements.txt" "$ROOT/constraints.txt" "$ROOT/setup.py" | sha256sum | cut -c1-16)"
+
+say() { printf '[setup] %s\n' "$*"; }
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_KEY" ] && "$VENV/bin/python" -c "import mmcv.ops, mmdet, mmpretrain, mmvq" 2>/dev/null; then
+    say "environment $VENV is up to date"
+    exit 0
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating virtual environment $VENV"
+    "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+
+say "installing torch==$TORCH_VERSION (local CPU wheel) and numpy"
+"${PIP[@]}" install -q "torch==$TORCH_VERSION" "$(grep -E '^numpy==' "$ROOT/requirements.txt")"
+
+mkdir -p "$CACHE"
+WHEEL="$(ls "$CACHE"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
+if [ -z "$WHEEL" ]; then
+    say "building mmcv==$MMCV_VERSION with ops from the PyPI sdist (about 20 min on 2 cores)"
+    # mmcv's setup.py imports pkg_resources and predates setuptools 70; runtime
+    # setuptools is re-pinned by requirements.txt below.
+    "${PIP[@]}" install -q "setuptools<70" wheel ninja
+    TMP="$(mktemp -d)"
+    MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${PIP[@]}" wheel --no-deps \
+        --no-build-isolation -w "$TMP" "mmcv==$MMCV_VERSION"
+    # move into the cache atomically so an interrupted build leaves no broken wheel
+    BUILT="$(ls "$TMP"/mmcv-*.whl)"
+    mv "$BUILT" "$CACHE/$(basename "$BUILT").part"
+    mv "$CACHE/$(basename "$BUILT").part" "$CACHE/$(basename "$BUILT")"
+    rm -rf "$TMP"
+    WHEEL="$CACHE/$(basename "$BUILT")"
+else
+    say "reusing cached mmcv wheel $WHEEL"
+fi
+say "installing mmcv and the pinned requirements"
+"${PIP[@]}" install -q "$WHEEL" -r "$ROOT/requirements.txt" -c "$ROOT/constraints.txt"
+say "installing mmvq (editable)"
+"${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
+
+"$VENV/bin/python" -c "import mmvq; mmvq.utils.print_env()"
+echo "$STAMP_KEY" > "$STAMP"
+say "done"
