@@ -36,8 +36,6 @@ def coco_image(coco_mini):
 @pytest.fixture(autouse=True, scope='session')
 def _register_openmmlab():
     import mmdet.utils
-    import mmpretrain.utils
 
     import mmvq  # noqa: F401  (registers every mmvq type)
-    mmpretrain.utils.register_all_modules(init_default_scope=False)
     mmdet.utils.register_all_modules(init_default_scope=True)

@@ -20,7 +20,6 @@ def _gt_predictions(coco_mini, jitter=None):
             to 6% of their size, masks are shifted by the same offset and
             scores are random, which must lower both APs.
     """
-    from mmdet.structures.mask import PolygonMasks
     from pycocotools.coco import COCO
 
     coco = COCO(osp.join(coco_mini, 'annotations', 'instances_val2017.json'))
@@ -34,7 +33,7 @@ def _gt_predictions(coco_mini, jitter=None):
         for a in anns:
             x, y, bw, bh = a['bbox']
             box = np.array([x, y, x + bw, y + bh], dtype=np.float64)
-            mask = PolygonMasks([a['segmentation']], h, w).to_ndarray()[0].astype(bool)
+            mask = coco.annToMask(a).astype(bool)
             if jitter is not None:
                 dx, dy = (jitter.uniform(-0.06, 0.06, 2) * [bw, bh]).round().astype(int)
                 box = box + [dx, dy, dx, dy]
@@ -91,4 +90,4 @@ def test_perturbed_predictions_score_lower_and_reproducibly(coco_mini):
     assert runs[0]['coco/segm_mAP'] == pytest.approx(EXPECTED_PERTURBED['segm'], abs=1e-9)
 
 
-EXPECTED_PERTURBED = {'bbox': None, 'segm': None}
+EXPECTED_PERTURBED = {'bbox': 0.831, 'segm': 0.675}

@@ -8,10 +8,11 @@ set of detections whose structure can be checked.
 """
 import os.path as osp
 
+import mmcv
 import numpy as np
 import pytest
 import torch
-from mmengine.config import Config
+from mmvq.utils import load_config
 
 from conftest import CONFIGS
 
@@ -26,7 +27,7 @@ DETECTOR_CONFIGS = {
 
 
 def load_detector_cfg(path):
-    cfg = Config.fromfile(path)
+    cfg = load_config(path)
     cfg.model.backbone.init_cfg = None
     cfg.model.test_cfg.rcnn.score_thr = 0.0
     return cfg
@@ -56,7 +57,7 @@ def test_detector_builds_and_infers_on_real_image(name, coco_image):
     with torch.no_grad():
         result = inference_detector(model, coco_image)
     h, w = result.ori_shape
-    assert (h, w) == (480, 640)
+    assert (h, w) == mmcv.imread(coco_image).shape[:2] == (640, 480)
     pred = result.pred_instances
     n = len(pred)
     assert 0 < n <= cfg.model.test_cfg.rcnn.max_per_img

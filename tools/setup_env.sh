@@ -8,10 +8,15 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MMVQ_VENV:-$ROOT/.venv}"
-CACHE="${MMVQ_WHEEL_CACHE:-$HOME/.cache/mmvq/wheels}"
+CACHE_ROOT="${MMVQ_WHEEL_CACHE:-$HOME/.cache/mmvq/wheels}"
 PY="${PYTHON:-python3}"
 
-TORCH_VERSION=2.13.0
+# torch 2.14.1 + torchvision 0.29.1 lie on this machine's disk. mmpretrain
+# imports torchvision, and PyPI's torchvision wheels only import beside the
+# matching CUDA torch build, so the CPU-only torch 2.13.0 wheel cannot be used
+# (see README, "Supported versions").
+TORCH_VERSION=2.14.1
+TORCHVISION_VERSION=0.29.1
 MMCV_VERSION=2.1.0
 STAMP="$VENV/.mmvq-setup-stamp"
 STAMP_KEY="$(cat "$ROOT/requirements.txt" "$ROOT/constraints.txt" "$ROOT/setup.py" | sha256sum | cut -c1-16)"
@@ -28,22 +33,32 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+# pip on this machine lists local index folders that may not exist; drop that noise only
+pip_() { "${PIP[@]}" "$@" 2>&1 | sed -u '/WARNING: Location .* is ignored/d'; }
 
-say "installing torch==$TORCH_VERSION (local CPU wheel) and numpy"
-"${PIP[@]}" install -q "torch==$TORCH_VERSION" "$(grep -E '^numpy==' "$ROOT/requirements.txt")"
+say "installing torch==$TORCH_VERSION, torchvision==$TORCHVISION_VERSION and numpy"
+pip_ install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
+    "$(grep -E '^numpy==' "$ROOT/requirements.txt")"
 
+# the mmcv extension is compiled against one torch: one cache folder per torch
+CACHE="$CACHE_ROOT/torch-$TORCH_VERSION"
 mkdir -p "$CACHE"
 WHEEL="$(ls "$CACHE"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
 if [ -z "$WHEEL" ]; then
     say "building mmcv==$MMCV_VERSION with ops from the PyPI sdist (about 20 min on 2 cores)"
     # mmcv's setup.py imports pkg_resources and predates setuptools 70; runtime
     # setuptools is re-pinned by requirements.txt below.
-    "${PIP[@]}" install -q "setuptools<70" wheel ninja
+    pip_ install -q "setuptools<70" wheel ninja
     TMP="$(mktemp -d)"
-    MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${PIP[@]}" wheel --no-deps \
-        --no-build-isolation -w "$TMP" "mmcv==$MMCV_VERSION"
+    export MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+    pip_ download -q --no-deps --no-build-isolation --no-binary :all: -d "$TMP/src" "mmcv==$MMCV_VERSION"
+    tar xzf "$TMP/src/mmcv-$MMCV_VERSION.tar.gz" -C "$TMP/src"
+    # torch 2.14 headers require C++20 and torch only adds -std=c++20 when no
+    # -std flag is given; mmcv 2.1.0's setup.py hard-codes -std=c++17.
+    sed -i "s/'-std=c++17'/'-std=c++20'/g" "$TMP/src/mmcv-$MMCV_VERSION/setup.py"
+    pip_ wheel --no-deps --no-build-isolation --no-cache-dir -w "$TMP" "$TMP/src/mmcv-$MMCV_VERSION"
     # move into the cache atomically so an interrupted build leaves no broken wheel
-    BUILT="$(ls "$TMP"/mmcv-*.whl)"
+    BUILT="$(ls "$TMP"/mmcv-*.whl)"  # fails (set -e) when the build produced no wheel
     mv "$BUILT" "$CACHE/$(basename "$BUILT").part"
     mv "$CACHE/$(basename "$BUILT").part" "$CACHE/$(basename "$BUILT")"
     rm -rf "$TMP"
@@ -52,9 +67,9 @@ else
     say "reusing cached mmcv wheel $WHEEL"
 fi
 say "installing mmcv and the pinned requirements"
-"${PIP[@]}" install -q "$WHEEL" -r "$ROOT/requirements.txt" -c "$ROOT/constraints.txt"
+pip_ install -q "$WHEEL" -r "$ROOT/requirements.txt" -c "$ROOT/constraints.txt"
 say "installing mmvq (editable)"
-"${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
+pip_ install -q --no-deps --no-build-isolation -e "$ROOT"
 
 "$VENV/bin/python" -c "import mmvq; mmvq.utils.print_env()"
 echo "$STAMP_KEY" > "$STAMP"

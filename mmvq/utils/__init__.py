@@ -1,3 +1,4 @@
+from .config import load_config, resolve_config_path
 from .env import collect_env, print_env
 
-__all__ = ['collect_env', 'print_env']
+__all__ = ['collect_env', 'print_env', 'load_config', 'resolve_config_path']

@@ -1,0 +1,39 @@
+"""Shared pieces of the attention wrappers (matmuls + softmax as modules)."""
+import torch.nn as nn
+
+from ..modules.base import QuantModuleMixin, swap_class
+from ..modules.matmul import QuantMatMul
+from ..modules.softmax import QuantSoftmax
+
+
+class QuantAttentionMixin(QuantModuleMixin):
+    """Gives an attention module ``matmul1`` (q @ k^T), ``softmax`` and
+    ``matmul2`` (attn @ v) child modules carrying its quantizers.
+
+    Slots: ``q``, ``k`` (matmul1 operands), ``logits`` and ``lis`` (the
+    softmax's logits quantizer and optional Log-Int-Softmax), ``probs`` and
+    ``v`` (matmul2 operands).
+    """
+
+    slots = ('q', 'k', 'logits', 'lis', 'probs', 'v')
+
+    def quant_setup(self, slot_cfgs, **kwargs):
+        unknown = set(slot_cfgs) - set(self.slots)
+        if unknown:
+            raise KeyError(f'{type(self).__name__} has no quantizer slot(s) {sorted(unknown)}')
+        self.matmul1 = QuantMatMul(dict(a=slot_cfgs.get('q'), b=slot_cfgs.get('k')))
+        self.matmul2 = QuantMatMul(dict(a=slot_cfgs.get('probs'), b=slot_cfgs.get('v')))
+        softmax = getattr(self, 'softmax', None)
+        if not isinstance(softmax, nn.Softmax):
+            softmax = nn.Softmax(dim=-1)
+        self.softmax = swap_class(softmax, QuantSoftmax)
+        self.softmax.quant_setup(dict(input=slot_cfgs.get('logits'), lis=slot_cfgs.get('lis')))
+
+    def quantizers(self):
+        for prefix, mod in (('matmul1', self.matmul1), ('softmax', self.softmax),
+                            ('matmul2', self.matmul2)):
+            for slot, q in mod.quantizers():
+                yield f'{prefix}.{slot}', q
+
+    def any_quantizer_active(self):
+        return any(q.enabled and q.mode != 'float' for _, q in self.quantizers())

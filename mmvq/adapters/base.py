@@ -1,0 +1,137 @@
+"""Adapters: find the quantizable sites of a supported backbone.
+
+An adapter knows one backbone family. It walks the model and yields
+:class:`Site` records — a module, the wrapper class it becomes, and the *role*
+of each quantizer slot (``qkv_input``, ``fc2_input``, ``attn_probs`` ...).
+The converter (:mod:`mmvq.api`) turns roles into quantizer configs from the
+user's quantization config, so methods are expressed per role, never per
+model. Adding a backbone is one adapter file registered in ``ADAPTERS``.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch.nn as nn
+from mmcv.cnn.bricks.transformer import FFN
+
+from ..registry import QUANT_WRAPPERS
+
+ADAPTERS = []
+
+# slots of an attention wrapper and their roles: q @ k^T operands, the logits
+# before softmax, the (LIS) softmax itself, the probabilities and V of attn @ V
+ATTENTION_ROLES = dict(q='q', k='k', logits='attn_logits', lis='softmax',
+                       probs='attn_probs', v='v')
+
+
+def register_adapter(cls):
+    ADAPTERS.append(cls())
+    return cls
+
+
+@dataclass
+class Site:
+    """One module to convert.
+
+    Attributes:
+        name (str): qualified module name in the model.
+        module (nn.Module): the float module.
+        wrapper (type): quantized wrapper class.
+        roles (dict): slot -> role name (``None``: slot left float).
+        hints (dict): slot -> extra quantizer kwargs applied when the
+            resolved quantizer type accepts them (e.g. PTF ``tied_channels``).
+        kwargs (dict): extra ``quant_setup`` arguments.
+    """
+    name: str
+    module: nn.Module
+    wrapper: type
+    roles: Dict[str, Optional[str]]
+    hints: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+def linear_site(name, module, input_role):
+    return Site(name, module, QUANT_WRAPPERS.get(type(module)),
+                dict(input=input_role, weight='linear_weight', output='linear_output'))
+
+
+def conv_site(name, module, input_role='conv_input'):
+    return Site(name, module, QUANT_WRAPPERS.get(type(module)),
+                dict(input=input_role, weight='conv_weight', output='conv_output'))
+
+
+def layernorm_site(name, module, tied_channels=1):
+    hints = {'input': dict(tied_channels=tied_channels)} if tied_channels > 1 else {}
+    return Site(name, module, QUANT_WRAPPERS.get(type(module)),
+                dict(input='ln_input', output='ln_output'), hints=hints)
+
+
+class BaseAdapter:
+    """Walk a backbone and yield its sites.
+
+    Subclasses set ``backbones`` (classes handled), ``attention`` (float
+    attention class -> wrapper class) and ``patch_merging`` (classes whose
+    LayerNorm input is an ``nn.Unfold`` of 4 positions per channel).
+    """
+
+    name = 'base'
+    backbones = ()
+    attention = {}
+    patch_merging = ()
+
+    def matches(self, module):
+        return isinstance(module, self.backbones) if self.backbones else False
+
+    def sites(self, backbone, prefix):
+        taken = set()
+        for name, module in backbone.named_modules(prefix=prefix):
+            if name in taken:
+                continue
+            for att_cls, wrapper in self.attention.items():
+                if isinstance(module, att_cls):
+                    yield Site(name, module, wrapper, dict(ATTENTION_ROLES),
+                               hints={'probs': dict(unit='row')})
+                    for sub in ('qkv', 'proj'):
+                        child = getattr(module, sub, None)
+                        if isinstance(child, nn.Linear):
+                            taken.add(f'{name}.{sub}')
+                            yield linear_site(f'{name}.{sub}', child, f'{sub}_input')
+                    taken.add(f'{name}.softmax')
+                    break
+            else:
+                if isinstance(module, FFN):
+                    linears = [(n, m) for n, m in module.named_modules(prefix=name)
+                               if isinstance(m, nn.Linear)]
+                    for i, (n, m) in enumerate(linears):
+                        taken.add(n)
+                        yield linear_site(n, m, 'fc1_input' if i == 0 else 'fc2_input')
+                elif isinstance(module, self.patch_merging):
+                    for sub, child in module.named_children():
+                        full = f'{name}.{sub}'
+                        if isinstance(child, nn.LayerNorm):
+                            taken.add(full)
+                            yield layernorm_site(full, child, tied_channels=4)
+                        elif isinstance(child, nn.Linear):
+                            taken.add(full)
+                            yield linear_site(full, child, 'reduction_input')
+                elif isinstance(module, nn.LayerNorm):
+                    yield layernorm_site(name, module)
+                elif isinstance(module, nn.Conv2d):
+                    role = 'patch_embed_input' if 'patch_embed' in name else 'conv_input'
+                    yield conv_site(name, module, role)
+                elif isinstance(module, nn.Linear):
+                    yield linear_site(name, module, 'linear_input')
+
+
+def generic_sites(model, prefix, skip_prefixes):
+    """Every Conv2d/Linear outside the backbone (scope ``'model'``).
+
+    ``nn.ConvTranspose2d`` (mask upsampling) is not a ``Conv2d`` and stays
+    float, as in the public detection pipelines (RepQ-ViT, APHQ-ViT).
+    """
+    for name, module in model.named_modules(prefix=prefix):
+        if any(name == p or name.startswith(p + '.') for p in skip_prefixes):
+            continue
+        if isinstance(module, nn.Conv2d):
+            yield conv_site(name, module)
+        elif isinstance(module, nn.Linear):
+            yield linear_site(name, module, 'head_input' if 'head' in name else 'linear_input')

@@ -1,0 +1,75 @@
+"""Swin Transformer of mmdet and mmpretrain.
+
+Both libraries' ``WindowMSA.forward`` compute ``q @ k^T`` and ``attn @ v``
+inline, so :class:`QuantWindowMSA` overrides that forward only (the shifted
+window logic of ``ShiftWindowMSA`` — padding, cyclic shift, masks — runs
+unchanged). The op sequence is the float one with quantizer calls inserted,
+so with every quantizer disabled the output is bit-identical.
+
+Sites: ``patch_embed.projection`` (Conv2d, role ``patch_embed_input``),
+every LayerNorm (``ln_input``/``ln_output``; PatchMerging's norm with
+``tied_channels=4`` for its ``nn.Unfold`` channel order ``c*4 + offset``),
+``qkv``/``proj`` (``qkv_input``/``proj_input``), attention matmuls and
+softmax, FFN ``fc1``/``fc2`` (``fc1_input``/``fc2_input`` = post-GELU) and
+PatchMerging ``reduction`` (``reduction_input``).
+"""
+import mmdet.models.backbones.swin as mmdet_swin
+from mmdet.models.layers import PatchMerging as MMDetPatchMerging
+
+from .attention import QuantAttentionMixin
+from .base import BaseAdapter, register_adapter
+
+
+class QuantWindowMSA(QuantAttentionMixin):
+    """Quantized forward of (mmdet | mmpretrain) ``WindowMSA``."""
+
+    def forward(self, x, mask=None):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads,
+                                  C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q * self.scale
+        attn = self.matmul1(q, k.transpose(-2, -1))
+        relative_position_bias = self.relative_position_bias_table[
+            self.relative_position_index.view(-1)].view(
+                self.window_size[0] * self.window_size[1],
+                self.window_size[0] * self.window_size[1], -1)
+        relative_position_bias = relative_position_bias.permute(2, 0, 1).contiguous()
+        attn = attn + relative_position_bias.unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = attn.view(B // nW, nW, self.num_heads, N, N)
+            attn = self.softmax(attn, mask.unsqueeze(1).unsqueeze(0))
+            attn = attn.view(-1, self.num_heads, N, N)
+        else:
+            attn = self.softmax(attn)
+        attn = self.attn_drop(attn)
+        x = self.matmul2(attn, v).transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+def _mmpretrain_classes():
+    try:
+        from mmcv.cnn.bricks.transformer import PatchMerging
+        from mmpretrain.models.backbones import SwinTransformer
+        from mmpretrain.models.utils.attention import WindowMSA
+    except Exception:  # noqa: BLE001 - mmpretrain is optional for detection users
+        return (), {}, ()
+    return (SwinTransformer, ), {WindowMSA: QuantWindowMSA}, (PatchMerging, )
+
+
+@register_adapter
+class SwinAdapter(BaseAdapter):
+    """mmdet ``SwinTransformer`` and mmpretrain ``SwinTransformer`` (v1)."""
+
+    name = 'swin'
+
+    def __init__(self):
+        pre_backbones, pre_attention, pre_merging = _mmpretrain_classes()
+        self.backbones = (mmdet_swin.SwinTransformer, ) + pre_backbones
+        self.attention = {mmdet_swin.WindowMSA: QuantWindowMSA, **pre_attention}
+        self.patch_merging = (MMDetPatchMerging, ) + pre_merging
+        self.supported = ['mmdet.SwinTransformer'] + (
+            ['mmpretrain.SwinTransformer'] if pre_backbones else [])

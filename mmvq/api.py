@@ -1,0 +1,248 @@
+"""User API: ``convert``, ``calibrate``, ``quantize``, modes and summary.
+
+Quantization configs are plain dicts (mmengine-config friendly)::
+
+    qcfg = dict(
+        scope='backbone',                 # or 'model' (alias 'detector')
+        integer_layernorm=False,          # FQ-ViT integer LN (needs PTF)
+        roles=dict(                       # quantizer config per role
+            weight=dict(type='UniformQuantizer', bits=8, symmetric=True,
+                        granularity='channel', ch_axis=0),
+            act=dict(type='UniformQuantizer', bits=8),
+            attn_probs=dict(type='AdaLogQuantizer', bits=4, fixed_scale=1.0),
+        ),
+        overrides=[                       # by module-name pattern (fnmatch)
+            dict(name='*patch_embed*', roles=dict(patch_embed_input=dict(bits=8))),
+        ],
+    )
+
+Roles fall back along :data:`ROLE_FALLBACK` (``qkv_input`` -> ``linear_input``
+-> ``act``); a role set to ``None`` is left in float. Roles with no fallback
+(``ln_input``, ``ln_output``, ``attn_logits``, ``softmax``,
+``linear_output``, ``conv_output``) are float unless configured.
+"""
+import copy
+import fnmatch
+import inspect
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+
+from .adapters import find_adapter, generic_sites
+from .adapters.attention import QuantAttentionMixin
+from .modules.base import QuantModuleMixin, swap_class
+from .quantizers.base import BaseQuantizer
+from .registry import QUANTIZERS
+
+ROLE_FALLBACK = {
+    'linear_weight': 'weight', 'conv_weight': 'weight',
+    'qkv_input': 'linear_input', 'proj_input': 'linear_input', 'fc1_input': 'linear_input',
+    'fc2_input': 'linear_input', 'reduction_input': 'linear_input',
+    'head_input': 'linear_input', 'linear_input': 'act',
+    'patch_embed_input': 'conv_input', 'conv_input': 'act',
+    'q': 'matmul_input', 'k': 'matmul_input', 'v': 'matmul_input', 'matmul_input': 'act',
+    'attn_probs': 'act',
+}
+SCOPES = ('backbone', 'model', 'detector')
+_MISSING = object()
+
+
+def resolve_role(roles, role):
+    """Quantizer config of ``role`` following the fallback chain (or None)."""
+    seen = role
+    while seen is not None:
+        if seen in roles:
+            cfg = roles[seen]
+            return None if cfg is None else dict(cfg)
+        seen = ROLE_FALLBACK.get(seen)
+    return None
+
+
+def _apply_override(cfg, override):
+    if override is _MISSING:
+        return cfg
+    if override is None:
+        return None
+    override = dict(override)
+    if cfg is None or 'type' in override:
+        return override if 'type' in override else None
+    cfg.update(override)
+    return cfg
+
+
+def _apply_hints(cfg, hints):
+    if cfg is None or not hints:
+        return cfg
+    qcls = QUANTIZERS.get(cfg['type'])
+    params = inspect.signature(qcls.__init__).parameters
+    for key, value in hints.items():
+        if key in params and key not in cfg:
+            cfg[key] = value
+    return cfg
+
+
+def _find_backbone(model):
+    backbone = getattr(model, 'backbone', None)
+    if isinstance(backbone, nn.Module):
+        return 'backbone', backbone
+    return '', model
+
+
+def plan(model, qcfg):
+    """List the sites of ``model`` with the quantizer config of every slot.
+
+    Returns:
+        list[tuple[Site, dict]]: site and ``slot -> cfg | None``.
+    """
+    scope = qcfg.get('scope', 'backbone')
+    if scope not in SCOPES:
+        raise ValueError(f'scope={scope!r}: use one of {SCOPES}')
+    roles = qcfg.get('roles', {})
+    overrides = qcfg.get('overrides', [])
+    prefix, backbone = _find_backbone(model)
+    adapter = find_adapter(backbone)
+    sites = list(adapter.sites(backbone, prefix))
+    if scope != 'backbone' and prefix:
+        sites += list(generic_sites(model, '', skip_prefixes=[prefix]))
+    planned = []
+    for site in sites:
+        slot_cfgs = {}
+        for slot, role in site.roles.items():
+            cfg = resolve_role(roles, role) if role else None
+            for ov in overrides:
+                if fnmatch.fnmatch(site.name, ov['name']):
+                    cfg = _apply_override(cfg, ov.get('roles', {}).get(role, _MISSING))
+            slot_cfgs[slot] = _apply_hints(cfg, site.hints.get(slot))
+        planned.append((site, slot_cfgs))
+    return planned
+
+
+def convert(model, qcfg):
+    """Convert ``model`` in place to its quantized form (quantizers in float mode).
+
+    Float ``state_dict`` keys are preserved; quantizer buffers are added
+    beside them. Returns the model.
+    """
+    qcfg = copy.deepcopy(dict(qcfg))
+    integer_ln = bool(qcfg.get('integer_layernorm', False))
+    for site, slot_cfgs in plan(model, qcfg):
+        if site.wrapper is None:
+            raise TypeError(f'no quantized wrapper for {type(site.module).__name__} ({site.name})')
+        module = swap_class(site.module, site.wrapper)
+        kwargs = dict(site.kwargs)
+        if 'integer' in inspect.signature(module.quant_setup).parameters:
+            kwargs['integer'] = integer_ln and slot_cfgs.get('input') is not None \
+                and slot_cfgs['input']['type'] == 'PTFQuantizer'
+        module.quant_setup(slot_cfgs, **kwargs)
+    model._mmvq_qcfg = qcfg
+    return model
+
+
+def iter_quantizers(model):
+    """Yield ``(qualified_name, quantizer)`` for every quantizer in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, BaseQuantizer):
+            yield name, module
+
+
+def set_quant_mode(model, mode):
+    """Put every quantizer of ``model`` in ``'float'``, ``'calib'`` or ``'quant'``."""
+    for _, q in iter_quantizers(model):
+        q.set_mode(mode)
+    return model
+
+
+def enable_quantizers(model, enabled=True, pattern='*'):
+    """Enable/disable quantizers whose qualified name matches ``pattern``."""
+    for name, q in iter_quantizers(model):
+        if fnmatch.fnmatch(name, pattern):
+            q.enabled = enabled
+    return model
+
+
+def finish_calibration(model):
+    """Compute every quantizer's parameters, then switch to quant mode.
+
+    Also applies AdaLog's bias reparameterization (post-GELU shift folded into
+    the next Linear's bias) once the weights' quantizers are ready.
+    """
+    for name, q in iter_quantizers(model):
+        if q.enabled and q.mode == 'calib':
+            try:
+                q.calibrate()
+            except Exception as exc:
+                raise type(exc)(f'{name}: {exc}') from exc
+        q.reset_observer()
+    set_quant_mode(model, 'quant')
+    fold_adalog_shifts(model)
+    return model
+
+
+def fold_adalog_shifts(model):
+    """Fold every shifted AdaLog input quantizer into its Linear's bias."""
+    from .quantizers.adalog import AdaLogQuantizer
+    for module in model.modules():
+        q = getattr(module, 'input_quantizer', None)
+        if (isinstance(module, nn.Linear) and isinstance(q, AdaLogQuantizer) and q.shifted
+                and q.enabled and bool(q.calibrated)):
+            q.fold_shift_into(module)
+
+
+@torch.no_grad()
+def calibrate(model, batches, forward_fn=None):
+    """Observe ``batches`` with every quantizer in calib mode, then finish.
+
+    Args:
+        model (nn.Module): converted model.
+        batches (Iterable): calibration inputs.
+        forward_fn (callable | None): ``forward_fn(model, batch)``; default
+            ``model(batch)``.
+    """
+    forward_fn = forward_fn or (lambda m, b: m(b))
+    was_training = model.training
+    model.eval()
+    set_quant_mode(model, 'calib')
+    for batch in batches:
+        forward_fn(model, batch)
+    finish_calibration(model)
+    model.train(was_training)
+    return model
+
+
+def quantize(model, qcfg, calib_data, forward_fn=None):
+    """Convert ``model`` with ``qcfg`` and calibrate it on ``calib_data``."""
+    convert(model, qcfg)
+    return calibrate(model, calib_data, forward_fn)
+
+
+def quant_summary(model):
+    """Rows ``(module, slot, kind, bits, granularity)`` for every quantizer."""
+    rows = []
+    for name, module in model.named_modules():
+        # attention wrappers' quantizers live in their matmul/softmax children,
+        # which are listed themselves
+        if isinstance(module, QuantModuleMixin) and not isinstance(module, QuantAttentionMixin):
+            for slot, q in module.quantizers():
+                info = q.summary()
+                rows.append(OrderedDict(module=name, slot=slot, kind=info.pop('kind'),
+                                        bits=info.pop('bits'),
+                                        granularity=info.pop('granularity', 'tensor'),
+                                        enabled=q.enabled, extra=info))
+    return rows
+
+
+def format_summary(model):
+    """The quant summary as a fixed-width text table."""
+    rows = quant_summary(model)
+    header = ('module', 'slot', 'kind', 'bits', 'granularity')
+    table = [header] + [tuple(str(r[h]) + ('' if r['enabled'] or h != 'kind' else ' (off)')
+                              for h in header) for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ['  '.join(c.ljust(w) for c, w in zip(r, widths)) for r in table]
+    lines.insert(1, '  '.join('-' * w for w in widths))
+    counts = {}
+    for r in rows:
+        counts[r['kind']] = counts.get(r['kind'], 0) + 1
+    lines.append(f'{len(rows)} quantizers: ' + ', '.join(f'{k}={v}' for k, v in sorted(counts.items())))
+    return '\n'.join(lines)

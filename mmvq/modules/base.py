@@ -1,0 +1,76 @@
+"""In-place conversion of float modules to quantized wrappers.
+
+A wrapper is a mixin class whose ``forward`` replaces the float module's; the
+float module's class is swapped for ``type(Name, (Wrapper, FloatClass), {})``
+so the module keeps its parameters, buffers, hooks and ``state_dict`` names
+(``fc.weight`` stays ``fc.weight``) and ``isinstance(m, nn.Linear)`` still
+holds — the approach of NVIDIA ModelOpt's quant module registry. Quantizers
+are added as child modules (``fc.input_quantizer.scale`` ...).
+
+Each wrapper declares *slots* (``input``, ``weight`` ...) and the converter
+passes, for each slot, a quantizer config or ``None`` (identity).
+"""
+import torch.nn as nn
+
+from ..registry import QUANTIZERS
+
+_DYNAMIC = {}
+
+
+def build_quantizer(cfg):
+    """Build a quantizer from a config dict; ``None`` gives ``None``."""
+    if cfg is None:
+        return None
+    cfg = dict(cfg)
+    qtype = cfg.pop('type', None)
+    qcls = QUANTIZERS.get(qtype) if isinstance(qtype, str) else qtype
+    if qcls is None:
+        raise KeyError(f'unknown quantizer type {qtype!r}; registered: '
+                       f'{", ".join(sorted(QUANTIZERS.module_dict))}')
+    return qcls(**cfg)
+
+
+class QuantModuleMixin:
+    """Behaviour shared by all quantized wrappers.
+
+    Subclasses list their quantizer slots in ``slots`` and implement
+    ``forward``; ``quant_setup`` is called once after the class swap.
+    """
+
+    slots = ()
+
+    def quant_setup(self, slot_cfgs, **kwargs):
+        """Create the quantizers of every slot (missing/None -> identity)."""
+        unknown = set(slot_cfgs) - set(self.slots)
+        if unknown:
+            raise KeyError(f'{type(self).__name__} has no quantizer slot(s) {sorted(unknown)}; '
+                           f'slots: {list(self.slots)}')
+        for slot in self.slots:
+            q = build_quantizer(slot_cfgs.get(slot))
+            setattr(self, f'{slot}_quantizer', q if q is not None else nn.Identity())
+
+    def quantizers(self):
+        """Yield ``(slot, quantizer)`` for every non-identity slot."""
+        for slot in self.slots:
+            q = getattr(self, f'{slot}_quantizer', None)
+            if q is not None and not isinstance(q, nn.Identity):
+                yield slot, q
+
+
+def swap_class(module, wrapper_cls):
+    """Make ``module`` an instance of ``wrapper_cls`` mixed into its class."""
+    base = type(module)
+    if issubclass(base, wrapper_cls):
+        return module
+    key = (wrapper_cls, base)
+    if key not in _DYNAMIC:
+        name = wrapper_cls.__name__
+        _DYNAMIC[key] = type(name, (wrapper_cls, base), {'__module__': wrapper_cls.__module__,
+                                                           '_float_class': base})
+    module.__class__ = _DYNAMIC[key]
+    return module
+
+
+def float_class(module):
+    """The original class of a converted module (or its own class)."""
+    return getattr(type(module), '_float_class', type(module))

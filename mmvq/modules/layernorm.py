@@ -1,0 +1,46 @@
+"""Quantized LayerNorm: PTF (or uniform) input, optional integer LayerNorm."""
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..quantizers.ptf import PTFQuantizer, int_layer_norm
+from ..quantizers.uniform import UniformQuantizer
+from ..registry import QUANT_WRAPPERS
+from .base import QuantModuleMixin
+
+
+@QUANT_WRAPPERS.register(nn.LayerNorm)
+class QuantLayerNorm(QuantModuleMixin):
+    """LayerNorm with quantized input and output.
+
+    Slots: ``input`` (FQ-ViT: :class:`PTFQuantizer`), ``output`` (uniform).
+    With ``integer=True``, a PTF input and a per-tensor uniform output, the
+    quantized forward runs FQ-ViT's integer LayerNorm
+    (:func:`mmvq.quantizers.ptf.int_layer_norm`) on the PTF codes; otherwise
+    it is ``oq(F.layer_norm(iq(x)))``.
+    """
+
+    slots = ('input', 'output')
+
+    def quant_setup(self, slot_cfgs, integer=False, **kwargs):
+        super().quant_setup(slot_cfgs)
+        self.integer = bool(integer)
+        if self.integer and not (isinstance(self.input_quantizer, PTFQuantizer)
+                                 and isinstance(self.output_quantizer, UniformQuantizer)):
+            raise ValueError('integer LayerNorm needs a PTFQuantizer input and a per-tensor '
+                             'UniformQuantizer output: set roles ln_input/ln_output')
+
+    def _int_path_active(self):
+        iq, oq = self.input_quantizer, self.output_quantizer
+        return (self.integer and iq.enabled and oq.enabled and iq.mode == 'quant'
+                and oq.mode == 'quant' and oq.ch_axis is None)
+
+    def forward(self, x):
+        if self._int_path_active():
+            iq, oq = self.input_quantizer, self.output_quantizer
+            _, y = int_layer_norm(iq.quantize(x), iq.zero_point, iq.alpha, iq.scale,
+                                  self.weight, self.bias, oq.scale, oq.zero_point,
+                                  oq.qmin, oq.qmax)
+            return y.to(x.dtype)
+        x = self.input_quantizer(x)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self.output_quantizer(x)
