@@ -17,7 +17,11 @@ Quantization configs are plain dicts (mmengine-config friendly)::
     )
 
 Roles fall back along :data:`ROLE_FALLBACK` (``qkv_input`` -> ``linear_input``
--> ``act``); a role set to ``None`` is left in float. Roles with no fallback
+-> ``act``); a role set to ``None`` is left in float. An override applies to a
+slot when its ``roles`` name the slot's role or one of its fallbacks (nearest
+wins): ``None`` disables, a dict with ``type`` replaces, a dict without
+``type`` is merged into the resolved config (``act=dict(bits=4)`` makes every
+activation of the matched modules 4-bit, whatever its quantizer). Roles with no fallback
 (``ln_input``, ``ln_output``, ``attn_logits``, ``softmax``,
 ``linear_output``, ``conv_output``) are float unless configured.
 """
@@ -57,6 +61,15 @@ def resolve_role(roles, role):
             return None if cfg is None else dict(cfg)
         seen = ROLE_FALLBACK.get(seen)
     return None
+
+
+def _chain_lookup(roles, role):
+    """The entry for ``role`` or its nearest fallback ancestor (or _MISSING)."""
+    while role is not None:
+        if role in roles:
+            return roles[role]
+        role = ROLE_FALLBACK.get(role)
+    return _MISSING
 
 
 def _apply_override(cfg, override):
@@ -111,8 +124,8 @@ def plan(model, qcfg):
         for slot, role in site.roles.items():
             cfg = resolve_role(roles, role) if role else None
             for ov in overrides:
-                if fnmatch.fnmatch(site.name, ov['name']):
-                    cfg = _apply_override(cfg, ov.get('roles', {}).get(role, _MISSING))
+                if role and fnmatch.fnmatch(site.name, ov['name']):
+                    cfg = _apply_override(cfg, _chain_lookup(ov.get('roles', {}), role))
             slot_cfgs[slot] = _apply_hints(cfg, site.hints.get(slot))
         planned.append((site, slot_cfgs))
     return planned
