@@ -1,0 +1,74 @@
+"""Adapters on real mmpretrain classifiers (ViT-B, DeiT-S, Swin-T) built from their configs."""
+import collections
+
+import mmcv
+import pytest
+import torch
+
+import mmvq
+from mmvq.utils import load_config
+
+W8 = dict(type='UniformQuantizer', bits=8, symmetric=True, granularity='channel', ch_axis=0)
+A8 = dict(type='UniformQuantizer', bits=8)
+UNIFORM8 = dict(scope='model', roles=dict(weight=W8, act=A8))
+
+# name: (config, attention wrapper, blocks, Linear layers incl. head, LayerNorms)
+CLASSIFIERS = {
+    'vit-b': ('mmpretrain::vision_transformer/vit-base-p16_64xb64_in1k.py',
+              'QuantMultiheadAttention', 12, 12 * 4 + 1, 12 * 2 + 1),
+    'deit-s': ('mmpretrain::deit/deit-small_4xb256_in1k.py',
+               'QuantMultiheadAttention', 12, 12 * 4 + 1, 12 * 2 + 1),
+    'swin-t': ('mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py',
+               'QuantWindowMSA', 12, 12 * 4 + 3 + 1, 12 * 2 + 3 + 1 + 1),
+}
+
+
+def build(path):
+    import mmpretrain.utils
+    from mmpretrain.registry import MODELS
+    mmpretrain.utils.register_all_modules(init_default_scope=False)
+    cfg = load_config(path)
+    cfg.model.backbone.init_cfg = None
+    cfg.model.pop('init_cfg', None)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.eval()
+    return model
+
+
+def image_batch(path):
+    img = mmcv.imread(path, channel_order='rgb')
+    img = mmcv.imresize(img, (224, 224))
+    x = torch.from_numpy(img).permute(2, 0, 1).float()[None]
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x, mode='tensor')
+
+
+def sqnr(a, b):
+    return float(10 * torch.log10(a.pow(2).sum() / (a - b).pow(2).sum().clamp(min=1e-30)))
+
+
+@pytest.mark.parametrize('name', list(CLASSIFIERS))
+def test_classifier_coverage_exactness_and_closeness(name, coco_image):
+    path, wrapper, blocks, n_linear, n_ln = CLASSIFIERS[name]
+    model = build(path)
+    x = image_batch(coco_image)
+    ref = logits(model, x)
+    assert ref.shape == (1, 1000)
+    mmvq.convert(model, UNIFORM8)
+    counts = collections.Counter(type(m).__name__ for m in model.modules())
+    assert counts[wrapper] == blocks and counts['QuantMatMul'] == 2 * blocks
+    assert counts['QuantSoftmax'] == blocks
+    assert counts['QuantLinear'] == n_linear and counts['QuantLayerNorm'] == n_ln
+    assert counts['QuantConv2d'] == 1
+    mmvq.calibrate(model, [x], lambda m, b: m(b, mode='tensor'))
+    q = logits(model, x)
+    assert sqnr(ref, q) > 20.0, f'{name}: W8A8 logits SQNR {sqnr(ref, q):.1f} dB'
+    mmvq.enable_quantizers(model, False)
+    assert torch.equal(logits(model, x), ref)
