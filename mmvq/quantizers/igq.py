@@ -34,6 +34,7 @@ import torch
 
 from ..registry import QUANTIZERS
 from .base import BaseQuantizer
+from .observers import SampleStore
 from .uniform import affine_params, fake_quant_affine, qrange
 
 
@@ -126,26 +127,20 @@ class IGQQuantizer(BaseQuantizer):
         self.reset_observer()
 
     def reset_observer(self):
-        self.points = []
-        self.num_units = None
+        self.store = SampleStore(ch_axis=0, max_columns=self.max_units)
 
     def observe(self, x):
         _, mins, maxs, _ = unit_ranges(x.float(), self.unit)
-        if self.num_units is None:
-            self.num_units = mins.shape[1]
         if self.unit == 'channel' and self.num_groups > mins.shape[1]:
             raise ValueError(f'num_groups={self.num_groups} is larger than the {mins.shape[1]} '
                              'channels of this input: use at most that many groups')
-        pts = torch.stack([mins.reshape(-1), maxs.reshape(-1)], dim=1)
-        self.points.append(pts)
-        total = sum(p.shape[0] for p in self.points)
-        if total > self.max_units:
-            self.points = [p[::2] for p in self.points]
+        # one (min, max) column per unit and instance
+        self.store.update(torch.stack([mins.reshape(-1), maxs.reshape(-1)], dim=0))
 
     def calibrate(self):
-        if not self.points:
+        if self.store.empty:
             raise RuntimeError('IGQQuantizer: no calibration data was observed')
-        pts = torch.cat(self.points)
+        pts = self.store.data().t().contiguous()                      # (n, 2)
         groups = min(self.num_groups, pts.shape[0])
         centres, assign = kmeans_ranges(pts, groups)
         lo = torch.full((groups, ), float('inf')).scatter_reduce(0, assign, pts[:, 0], 'amin')

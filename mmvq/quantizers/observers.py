@@ -4,8 +4,37 @@ Observers are plain Python objects, not modules: their state is transient
 calibration data and never enters a checkpoint. Every reduction is over all
 dimensions except the channel axis (``ch_axis=None`` means per tensor), so the
 same observer serves per-tensor, per-channel and per-head quantizers.
+
+**Keyed records.** Each call stores one record under a key
+``(calibration step, call index within the step)``; the step is set by the
+calibration driver (:func:`calibration_step`), e.g. the global index of the
+calibration image. Statistics are always reduced in key order, so sharding the
+calibration images over several processes and merging the records
+(:meth:`KeyedObserver.merge`) gives bit-identical results to one process
+seeing every image — the property the distributed PTQ loop relies on.
+Without a driver, keys are a per-observer call counter.
 """
+import contextlib
+
 import torch
+
+
+class _Step:
+    key = None          # current calibration step (int) or None
+    expected = 1        # number of calibration steps, bounds stored samples
+
+
+@contextlib.contextmanager
+def calibration_step(key, expected=None):
+    """Tag observer records made inside the block with ``key``."""
+    old_key, old_expected = _Step.key, _Step.expected
+    _Step.key = int(key)
+    if expected is not None:
+        _Step.expected = max(1, int(expected))
+    try:
+        yield
+    finally:
+        _Step.key, _Step.expected = old_key, old_expected
 
 
 def move_channel_first(x, ch_axis):
@@ -16,42 +45,84 @@ def move_channel_first(x, ch_axis):
     return x.movedim(ch_axis, 0).reshape(x.shape[ch_axis], -1)
 
 
-class MinMaxObserver:
+class KeyedObserver:
+    """Base: records keyed by calibration step, reduced in key order."""
+
+    def __init__(self):
+        self.records = {}
+        self._last_step = None
+        self._sub = 0
+        self._auto = 0
+
+    def _key(self):
+        step = _Step.key
+        if step is None:
+            self._auto += 1
+            return (self._auto, 0)
+        self._sub = self._sub + 1 if step == self._last_step else 0
+        self._last_step = step
+        return (step, self._sub)
+
+    def update(self, x):
+        self.records[self._key()] = self.record(x)
+
+    def record(self, x):
+        raise NotImplementedError
+
+    def ordered(self):
+        return [self.records[k] for k in sorted(self.records)]
+
+    def merge(self, states):
+        """Union of record dicts gathered from several processes."""
+        for state in states:
+            self.records.update(state)
+
+    @property
+    def empty(self):
+        return not self.records
+
+
+class MinMaxObserver(KeyedObserver):
     """Running min/max (``momentum=None``) or EMA min/max (FQ-ViT ``ema``).
 
     Args:
         ch_axis (int | None): channel axis kept apart; ``None`` per tensor.
         momentum (float | None): EMA momentum ``m`` in
-            ``v <- m * v + (1 - m) * v_batch``; ``None`` keeps the running
-            extreme over all batches.
+            ``v <- m * v + (1 - m) * v_batch`` (in key order); ``None`` keeps
+            the extremes over all records.
     """
 
     def __init__(self, ch_axis=None, momentum=None):
+        super().__init__()
         self.ch_axis = ch_axis
         self.momentum = momentum
-        self.min = None
-        self.max = None
 
-    def update(self, x):
+    def record(self, x):
         x2d = move_channel_first(x.float(), self.ch_axis)
-        bmin, bmax = x2d.amin(dim=1), x2d.amax(dim=1)
-        if self.min is None:
-            self.min, self.max = bmin, bmax
-        elif self.momentum is None:
-            self.min = torch.minimum(self.min, bmin)
-            self.max = torch.maximum(self.max, bmax)
-        else:
-            m = self.momentum
-            self.min = m * self.min + (1 - m) * bmin
-            self.max = m * self.max + (1 - m) * bmax
+        return x2d.amin(dim=1), x2d.amax(dim=1)
+
+    def _reduce(self):
+        recs = self.ordered()
+        mins, maxs = recs[0]
+        for bmin, bmax in recs[1:]:
+            if self.momentum is None:
+                mins, maxs = torch.minimum(mins, bmin), torch.maximum(maxs, bmax)
+            else:
+                m = self.momentum
+                mins, maxs = m * mins + (1 - m) * bmin, m * maxs + (1 - m) * bmax
+        return mins, maxs
 
     @property
-    def empty(self):
-        return self.min is None
+    def min(self):
+        return None if self.empty else self._reduce()[0]
+
+    @property
+    def max(self):
+        return None if self.empty else self._reduce()[1]
 
 
-class PercentileObserver:
-    """Per-batch lower/upper percentiles, averaged over batches.
+class PercentileObserver(KeyedObserver):
+    """Per-record lower/upper percentiles, averaged over records.
 
     ``kthvalue`` is used instead of ``torch.quantile`` so tensors of any size
     work. The percentile is taken per channel when ``ch_axis`` is set.
@@ -63,48 +134,35 @@ class PercentileObserver:
     """
 
     def __init__(self, ch_axis=None, percentile=99.99):
+        super().__init__()
         if not 50.0 < percentile <= 100.0:
             raise ValueError(f'percentile={percentile} must lie in (50, 100]')
         self.ch_axis = ch_axis
         self.percentile = percentile
-        self.sum_min = None
-        self.sum_max = None
-        self.count = 0
 
-    def update(self, x):
+    def record(self, x):
         x2d = move_channel_first(x.float(), self.ch_axis)
         n = x2d.shape[1]
         k_hi = max(1, min(n, int(round(n * self.percentile / 100.0))))
         k_lo = max(1, min(n, n + 1 - k_hi))
-        bmax = x2d.kthvalue(k_hi, dim=1).values
-        bmin = x2d.kthvalue(k_lo, dim=1).values
-        if self.sum_min is None:
-            self.sum_min, self.sum_max = bmin, bmax
-        else:
-            self.sum_min = self.sum_min + bmin
-            self.sum_max = self.sum_max + bmax
-        self.count += 1
+        return x2d.kthvalue(k_lo, dim=1).values, x2d.kthvalue(k_hi, dim=1).values
 
     @property
     def min(self):
-        return None if self.sum_min is None else self.sum_min / self.count
+        return None if self.empty else torch.stack([r[0] for r in self.ordered()]).mean(0)
 
     @property
     def max(self):
-        return None if self.sum_max is None else self.sum_max / self.count
-
-    @property
-    def empty(self):
-        return self.count == 0
+        return None if self.empty else torch.stack([r[1] for r in self.ordered()]).mean(0)
 
 
-class SampleStore:
-    """Keep a bounded, deterministic sample of ``(C, N)`` columns for searches.
+class SampleStore(KeyedObserver):
+    """A bounded, deterministic sample of ``(C, N)`` columns for searches.
 
-    Searches (OMSE clipping, PTF factors, group fitting) need data, not only
-    extremes. Each batch contributes an evenly strided subset of its columns so
-    the store never exceeds ``max_columns`` per channel; when full, the oldest
-    half is thinned (every other column dropped). Deterministic: no RNG.
+    Searches (OMSE clipping, PTF factors, AdaLog bases) need data, not only
+    extremes. Each record keeps an evenly strided subset of at most
+    ``max_columns / expected_steps`` columns; :meth:`data` concatenates the
+    records in key order and strides the result down to ``max_columns``.
 
     Args:
         ch_axis (int | None): channel axis, ``None`` per tensor.
@@ -112,24 +170,20 @@ class SampleStore:
     """
 
     def __init__(self, ch_axis=None, max_columns=65536):
+        super().__init__()
         self.ch_axis = ch_axis
         self.max_columns = max_columns
-        self.chunks = []
 
-    def update(self, x):
+    def record(self, x):
         x2d = move_channel_first(x.detach().float(), self.ch_axis)
-        step = max(1, -(-x2d.shape[1] // self.max_columns))
-        self.chunks.append(x2d[:, ::step].clone())
-        while sum(c.shape[1] for c in self.chunks) > self.max_columns and len(self.chunks) > 1:
-            # thin every stored chunk by two, oldest first
-            self.chunks = [c[:, ::2] for c in self.chunks]
+        cap = max(1, self.max_columns // _Step.expected)
+        step = max(1, -(-x2d.shape[1] // cap))
+        return x2d[:, ::step].clone()
 
     def data(self):
-        """Return the stored ``(C, N)`` sample."""
-        if not self.chunks:
+        """Return the stored ``(C, N)`` sample (``None`` if empty)."""
+        if self.empty:
             return None
-        return torch.cat(self.chunks, dim=1)
-
-    @property
-    def empty(self):
-        return not self.chunks
+        data = torch.cat(self.ordered(), dim=1)
+        step = max(1, -(-data.shape[1] // self.max_columns))
+        return data[:, ::step]
