@@ -12,26 +12,30 @@ W8 = dict(type='UniformQuantizer', bits=8, symmetric=True, granularity='channel'
 A8 = dict(type='UniformQuantizer', bits=8)
 UNIFORM8 = dict(scope='model', roles=dict(weight=W8, act=A8))
 
-# name: (config, attention wrapper, blocks, Linear layers incl. head, LayerNorms)
+# name: (config, attention wrapper, blocks, backbone Linear layers, LayerNorms);
+# every block has qkv, proj, fc1, fc2; Swin adds 3 PatchMerging reductions and
+# norms (patch embed, 3 merging, final norm3); ViT has its final ln1
 CLASSIFIERS = {
     'vit-b': ('mmpretrain::vision_transformer/vit-base-p16_64xb64_in1k.py',
-              'QuantMultiheadAttention', 12, 12 * 4 + 1, 12 * 2 + 1),
+              'QuantMultiheadAttention', 12, 12 * 4, 12 * 2 + 1),
     'deit-s': ('mmpretrain::deit/deit-small_4xb256_in1k.py',
-               'QuantMultiheadAttention', 12, 12 * 4 + 1, 12 * 2 + 1),
+               'QuantMultiheadAttention', 12, 12 * 4, 12 * 2 + 1),
     'swin-t': ('mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py',
-               'QuantWindowMSA', 12, 12 * 4 + 3 + 1, 12 * 2 + 3 + 1 + 1),
+               'QuantWindowMSA', 12, 12 * 4 + 3, 12 * 2 + 3 + 1 + 1),
 }
 
 
 def build(path):
     import mmpretrain.utils
+    from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
     mmpretrain.utils.register_all_modules(init_default_scope=False)
     cfg = load_config(path)
     cfg.model.backbone.init_cfg = None
     cfg.model.pop('init_cfg', None)
     torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = MODELS.build(cfg.model)
     model.eval()
     return model
 
@@ -61,11 +65,14 @@ def test_classifier_coverage_exactness_and_closeness(name, coco_image):
     x = image_batch(coco_image)
     ref = logits(model, x)
     assert ref.shape == (1, 1000)
+    head_linears = sum(isinstance(m, torch.nn.Linear) for m in model.head.modules())
+    assert head_linears >= 1
     mmvq.convert(model, UNIFORM8)
     counts = collections.Counter(type(m).__name__ for m in model.modules())
     assert counts[wrapper] == blocks and counts['QuantMatMul'] == 2 * blocks
     assert counts['QuantSoftmax'] == blocks
-    assert counts['QuantLinear'] == n_linear and counts['QuantLayerNorm'] == n_ln
+    assert counts['QuantLinear'] == n_linear + head_linears    # scope 'model': head too
+    assert counts['QuantLayerNorm'] == n_ln
     assert counts['QuantConv2d'] == 1
     mmvq.calibrate(model, [x], lambda m, b: m(b, mode='tensor'))
     q = logits(model, x)
