@@ -1,0 +1,105 @@
+"""Search caches: keyed samples of a layer's float inputs for the searches.
+
+Attached as forward hooks while calibrating; records are keyed like observer
+records (:mod:`mmvq.quantizers.observers`), so they merge across ranks and
+reduce in calibration-step order.
+
+* Linear: ``(I, T, C)`` inputs (instances x tokens x channels); at most
+  ``max_instances`` instances and ``max_tokens`` tokens (evenly strided) per
+  call, scaled down by the number of calibration steps.
+* MatMul (attention): operand pairs ``(a, b)`` of shape ``(W, H, N, M)`` /
+  ``(W, H, M, D)``; at most ``max_windows`` windows per call.
+"""
+import torch
+import torch.nn as nn
+
+from ..quantizers.observers import KeyedObserver, _Step
+
+
+def _stride(n, cap):
+    return max(1, -(-n // max(1, cap)))
+
+
+class SearchCache(KeyedObserver):
+    """Keyed samples of one module's inputs.
+
+    Args:
+        kind (str): ``'linear'`` or ``'matmul'``.
+        max_tokens (int): tokens kept per Linear call (all steps together).
+        max_instances (int): instances kept per Linear call.
+        max_windows (int): attention windows/images kept per MatMul call.
+    """
+
+    def __init__(self, kind, max_tokens=2048, max_instances=16, max_windows=64):
+        super().__init__()
+        self.kind = kind
+        self.max_tokens = max_tokens
+        self.max_instances = max_instances
+        self.max_windows = max_windows
+
+    def record(self, inputs):
+        exp = _Step.expected
+        if self.kind == 'linear':
+            x = inputs[0].detach().float()
+            x3 = x.reshape(1, -1, x.shape[-1]) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
+            ntok = x3.shape[0] * x3.shape[1]
+            x3 = x3[::_stride(x3.shape[0], self.max_instances)]
+            x3 = x3[:, ::_stride(x3.shape[1], max(1, self.max_tokens // exp // x3.shape[0]))]
+            return x3.clone(), ntok
+        a, b = (t.detach().float() for t in inputs)
+        a4 = a.reshape(-1, *a.shape[-3:]) if a.dim() >= 4 else a.reshape(-1, 1, *a.shape[-2:])
+        b4 = b.reshape(-1, *b.shape[-3:]) if b.dim() >= 4 else b.reshape(-1, 1, *b.shape[-2:])
+        step = _stride(a4.shape[0], max(1, self.max_windows // exp))
+        return a4[::step].clone(), b4[::step].clone()
+
+    def data(self):
+        """Linear: list of ``(I, T, C)`` tensors (calls differ in T); MatMul:
+        concatenated ``(a, b)``."""
+        recs = self.ordered()
+        if self.kind == 'linear':
+            return [r[0] for r in recs]
+        return torch.cat([r[0] for r in recs]), torch.cat([r[1] for r in recs])
+
+    def tokens_per_step(self):
+        """Average number of tokens through the layer per calibration step."""
+        if self.kind != 'linear' or self.empty:
+            return 0
+        steps = len({k[0] for k in self.records})
+        return sum(r[1] for r in self.records.values()) / steps
+
+    def clear(self):
+        self.records = {}
+
+
+def attach_search_cache(module, kind, **kwargs):
+    """Cache ``module``'s inputs during calibration (forward pre-hook)."""
+    cache = SearchCache(kind, **kwargs)
+
+    def hook(mod, inputs):
+        if getattr(mod, '_mmvq_caching', False):
+            cache.update(inputs)
+
+    module._mmvq_cache = cache
+    module._mmvq_caching = True
+    module._mmvq_cache_handle = module.register_forward_pre_hook(hook)
+    return cache
+
+
+def detach_search_cache(module):
+    handle = getattr(module, '_mmvq_cache_handle', None)
+    if handle is not None:
+        handle.remove()
+    for attr in ('_mmvq_cache', '_mmvq_caching', '_mmvq_cache_handle'):
+        if hasattr(module, attr):
+            delattr(module, attr)
+
+
+def iter_search_caches(model):
+    for name, module in model.named_modules():
+        cache = getattr(module, '_mmvq_cache', None)
+        if isinstance(cache, SearchCache):
+            yield name, cache
+
+
+def is_linear(module):
+    return isinstance(module, nn.Linear)

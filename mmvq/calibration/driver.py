@@ -1,0 +1,123 @@
+"""Calibration driver: keyed forward passes, cross-rank merge, searches.
+
+Flow (:func:`run_calibration`):
+
+1. every quantizer in ``calib`` mode; the calibration samples are sharded
+   over ranks (position ``p`` on rank ``p % world_size``) and each forward
+   runs inside :func:`~mmvq.quantizers.observers.calibration_step` ``(p)``, so
+   every observer record carries its global position;
+2. :func:`sync_observers` all-gathers the records of every quantizer (and
+   every search cache) so each rank holds exactly what one process seeing all
+   samples would hold, reduced in position order — hence identical
+   quantization parameters on every rank and for any world size;
+3. observers -> initial parameters (:func:`mmvq.api.finish_calibration`
+   without leaving calib state), then the configured searches (FPCS, IGQ
+   group allocation) on the cached layer inputs, all deterministic;
+4. AdaLog shift folding and ``quant`` mode.
+"""
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..api import fold_adalog_shifts, iter_quantizers, set_quant_mode
+from ..quantizers.observers import KeyedObserver, calibration_step
+from .cache import iter_search_caches
+
+
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _observers(obj):
+    return {k: v for k, v in vars(obj).items() if isinstance(v, KeyedObserver)}
+
+
+def sync_observers(model):
+    """Merge every observer's and search cache's records across ranks."""
+    rank, world = _world()
+    if world == 1:
+        return
+    local = {}
+    for name, q in iter_quantizers(model):
+        for attr, obs in _observers(q).items():
+            local[f'{name}:{attr}'] = obs.records
+    for name, cache in iter_search_caches(model):
+        local[f'{name}:cache'] = cache.records
+    gathered = [None] * world
+    dist.all_gather_object(gathered, local)
+    merged = {}
+    for key in local:
+        merged[key] = [g[key] for r, g in enumerate(gathered) if r != rank]
+    for name, q in iter_quantizers(model):
+        for attr, obs in _observers(q).items():
+            obs.merge(merged[f'{name}:{attr}'])
+    for name, cache in iter_search_caches(model):
+        cache.merge(merged[f'{name}:cache'])
+
+
+def observe(model, samples, forward_fn, progress=None):
+    """Run the calibration forwards (sharded over ranks, keyed by position)."""
+    rank, world = _world()
+    n = len(samples)
+    model.eval()
+    set_quant_mode(model, 'calib')
+    positions = range(rank, n, world)
+    for pos in positions:
+        with calibration_step(pos, expected=n), torch.no_grad():
+            forward_fn(model, samples[pos])
+        if progress is not None:
+            progress(pos)
+
+
+def initialise_parameters(model):
+    """Observers -> quantization parameters (quantizers stay in calib mode)."""
+    for name, q in iter_quantizers(model):
+        if q.enabled and q.mode == 'calib':
+            try:
+                q.calibrate()
+            except Exception as exc:
+                raise type(exc)(f'{name}: {exc}') from exc
+
+
+def run_calibration(model, samples, forward_fn, searches=(), logger=None, progress=None):
+    """Calibrate ``model`` (converted) on ``samples``.
+
+    Args:
+        model (nn.Module): converted model.
+        samples (Sequence): calibration samples, indexable.
+        forward_fn (callable): ``forward_fn(model, sample)``.
+        searches (Sequence[callable]): ``search(model, log)`` stages run after
+            the observers (FPCS, IGQ allocation ...), each timed.
+        logger: object with ``.info`` (mmengine logger) or ``None``.
+        progress (callable | None): called with each processed position.
+
+    Returns:
+        dict: wall time per stage in seconds.
+    """
+    log = logger.info if logger is not None else (lambda msg: None)
+    times = {}
+    t0 = time.perf_counter()
+    observe(model, samples, forward_fn, progress)
+    sync_observers(model)
+    times['observe'] = time.perf_counter() - t0
+    log(f'[mmvq] calibration forwards: {len(samples)} samples in {times["observe"]:.2f} s')
+    t0 = time.perf_counter()
+    initialise_parameters(model)
+    times['init_params'] = time.perf_counter() - t0
+    log(f'[mmvq] initial quantization parameters in {times["init_params"]:.2f} s')
+    for search in searches:
+        name = getattr(search, 'name', type(search).__name__)
+        t0 = time.perf_counter()
+        search(model, log)
+        times[name] = time.perf_counter() - t0
+        log(f'[mmvq] search {name} in {times[name]:.2f} s')
+    for _, q in iter_quantizers(model):
+        q.reset_observer()
+    for _, cache in iter_search_caches(model):
+        cache.clear()
+    set_quant_mode(model, 'quant')
+    fold_adalog_shifts(model)
+    return times

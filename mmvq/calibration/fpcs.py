@@ -1,0 +1,283 @@
+"""Fast Progressive Combining Search (AdaLog, ECCV'24, Sec. 3.3).
+
+Reference: GoatWu/AdaLog ``quant_layers/linear.py::PostGeluLogBasedBatchingQuantLinear
+.activation_fpcs`` and ``quant_layers/matmul.py::PostSoftmaxAsymmetricallyBatchingQuantMatMul``.
+Layers are searched one at a time on their **layer-output MSE** against the
+float output, with float inputs (the reference's parallel, not sequential,
+calibration). All candidates of a stage are evaluated as one batched tensor
+(chunked to bound memory), never in a Python loop over candidates.
+
+* **Post-GELU AdaLog (fc2 input)**, as the reference: rank all 129 bases
+  ``q in 10..138`` at the initial scale and keep the best ``base_num=8``;
+  combine them with ``scale_num=16`` scales spread between the 0.9 and 1.0
+  percentiles of the shifted input (128 candidates), keep ``width=32``; then
+  ``steps-1=5`` rounds expand every survivor into 4 scales
+  ``s + (linspace(0,1,4) - 0.5) * delta`` with ``delta`` shrinking by 3.5 per
+  round, keeping the best 32 (the best 1 in the last round).
+* **Post-softmax AdaLog (attn @ V)**: scale fixed at 1; ``rounds=3`` times:
+  search ``q`` over all 129 values on the matmul output (V quantized), then
+  V's per-head uniform range.
+* **Uniform Linear inputs (per-tensor)**: a 16 x 8 grid of lower/upper
+  clipping percentiles (0.9 .. 1.0 of each side), keep 16, then 5 rounds that
+  scale each survivor's bounds on a 3x3 grid of relative steps (start 5%,
+  shrinking by 3.5), keeping 16 (1 at the end). The reference searches
+  (scale, zero point) pairs; we search the equivalent (low, high) bounds.
+* Per-head V ranges use the same grid, scored per head.
+
+Weights keep their per-output-channel min-max parameters (the reference
+also searches weight scales; not done here).
+"""
+import torch
+import torch.nn.functional as F
+
+from ..modules.linear import QuantLinear
+from ..modules.matmul import QuantMatMul
+from ..quantizers.adalog import AdaLogQuantizer
+from ..quantizers.uniform import UniformQuantizer, affine_params, fake_quant_affine
+from .cache import attach_search_cache, detach_search_cache
+
+CHUNK_ELEMS = 1 << 25
+
+
+def _active(q):
+    return isinstance(q, (UniformQuantizer, AdaLogQuantizer)) and q.enabled
+
+
+def _weight(module):
+    wq = module.weight_quantizer
+    if isinstance(wq, UniformQuantizer) and wq.enabled and bool(wq.calibrated):
+        return wq.fake_quant(module.weight)
+    return module.weight
+
+
+def _quantile(x, qs, cap=1 << 20):
+    flat = x.reshape(-1)
+    if flat.numel() > cap:
+        flat = flat[::-(-flat.numel() // cap)]
+    return torch.quantile(flat, qs)
+
+
+def _batched_losses(make, n, per_cand_elems, loss):
+    """Evaluate ``loss(make(lo, hi))`` for candidates ``lo:hi`` in chunks."""
+    chunk = max(1, CHUNK_ELEMS // max(1, per_cand_elems))
+    return torch.cat([loss(make(i, min(n, i + chunk))) for i in range(0, n, chunk)])
+
+
+def progressive(init, evaluate, width, steps, expand):
+    """Generic FPCS: keep the best ``width``, expand, shrink, repeat.
+
+    Args:
+        init (Tensor): ``(K, P)`` candidate parameters.
+        evaluate (callable): ``(K, P) -> (K,)`` losses.
+        width (int): survivors per round.
+        steps (int): total rounds including the initial one.
+        expand (callable): ``(survivors, round) -> (K', P)`` new candidates.
+
+    Returns:
+        Tensor: the best ``(P,)`` parameters.
+    """
+    losses = evaluate(init)
+    keep = losses.topk(min(width, len(losses)), largest=False).indices
+    cands, losses = init[keep], losses[keep]
+    for r in range(steps - 1):
+        new = expand(cands, r)
+        new_losses = evaluate(new)
+        cands = torch.cat([cands, new])
+        losses = torch.cat([losses, new_losses])
+        k = 1 if r == steps - 2 else width
+        keep = losses.topk(min(k, len(losses)), largest=False).indices
+        cands, losses = cands[keep], losses[keep]
+    return cands[losses.argmin()]
+
+
+class FPCS:
+    """FPCS search stage for :func:`mmvq.calibration.run_calibration`.
+
+    Args:
+        steps (int): progressive rounds (reference: 6).
+        rounds (int): alternations of the post-softmax base / V search (3).
+        base_num (int): bases kept after ranking (8).
+        scale_num (int): scales per base (16).
+        width (int): survivors per round for AdaLog (32).
+        uniform_width (int): survivors for uniform inputs (16).
+        max_tokens (int): cached tokens per Linear.
+        max_windows (int): cached attention windows per MatMul.
+        search_uniform (bool): also search uniform per-tensor Linear inputs.
+    """
+
+    name = 'fpcs'
+
+    def __init__(self, steps=6, rounds=3, base_num=8, scale_num=16, width=32, uniform_width=16,
+                 max_tokens=2048, max_windows=64, search_uniform=True):
+        self.steps = steps
+        self.rounds = rounds
+        self.base_num = base_num
+        self.scale_num = scale_num
+        self.width = width
+        self.uniform_width = uniform_width
+        self.max_tokens = max_tokens
+        self.max_windows = max_windows
+        self.search_uniform = search_uniform
+        self.report = {}
+
+    # ------------------------------------------------------------ targets
+    def _targets(self, model):
+        for name, m in model.named_modules():
+            if isinstance(m, QuantLinear):
+                iq = m.input_quantizer
+                if isinstance(iq, AdaLogQuantizer) and iq.enabled:
+                    yield name, m, 'adalog_linear'
+                elif (self.search_uniform and isinstance(iq, UniformQuantizer) and iq.enabled
+                      and iq.ch_axis is None):
+                    yield name, m, 'uniform_linear'
+            elif isinstance(m, QuantMatMul) and isinstance(m.a_quantizer, AdaLogQuantizer) \
+                    and m.a_quantizer.enabled:
+                yield name, m, 'adalog_matmul'
+
+    def attach(self, model):
+        for _, m, kind in self._targets(model):
+            if kind == 'adalog_matmul':
+                attach_search_cache(m, 'matmul', max_windows=self.max_windows)
+            else:
+                attach_search_cache(m, 'linear', max_tokens=self.max_tokens)
+
+    def detach(self, model):
+        for _, m, _ in self._targets(model):
+            detach_search_cache(m)
+
+    def __call__(self, model, log):
+        n = {'adalog_linear': 0, 'uniform_linear': 0, 'adalog_matmul': 0}
+        for name, m, kind in list(self._targets(model)):
+            cache = getattr(m, '_mmvq_cache', None)
+            if cache is None or cache.empty:
+                continue
+            with torch.no_grad():
+                if kind == 'adalog_matmul':
+                    self.report[name] = self._search_softmax(m, *cache.data())
+                else:
+                    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in cache.data()])
+                    if kind == 'adalog_linear':
+                        self.report[name] = self._search_adalog_linear(m, x)
+                    else:
+                        self.report[name] = self._search_uniform_linear(m, x)
+            n[kind] += 1
+        self.detach(model)
+        log(f'[mmvq] FPCS: {n["adalog_linear"]} post-GELU AdaLog, {n["adalog_matmul"]} '
+            f'post-softmax AdaLog, {n["uniform_linear"]} uniform Linear inputs')
+
+    # ------------------------------------------------------------ linear
+    def _linear_objective(self, m, x):
+        w = _weight(m)
+        ref = F.linear(x, m.weight, m.bias)
+        rows, cout = ref.shape
+
+        def loss(fq):                        # fq: (K, R, C)
+            return (F.linear(fq, w, m.bias) - ref).pow(2).mean(dim=(1, 2))
+        return loss, rows * max(x.shape[1], cout)
+
+    def _search_adalog_linear(self, m, x):
+        q = m.input_quantizer
+        loss_fn, elems = self._linear_objective(m, x)
+
+        def evaluate(c):                     # c: (K, 2) = (q, scale)
+            return _batched_losses(lambda i, j: q.fake_quant_candidates(x, c[i:j, 0], c[i:j, 1]),
+                                   len(c), elems, loss_fn)
+
+        qs = torch.arange(q.q_candidates[0], q.q_candidates[1] + 1, dtype=torch.float32)
+        ranked = evaluate(torch.stack([qs, q.scale.expand_as(qs)], 1))
+        bases = qs[ranked.topk(min(self.base_num, len(qs)), largest=False).indices]
+        pos = (x + q.shift).clamp(min=0)
+        lo, hi = _quantile(pos, torch.tensor([0.9, 1.0]))
+        scales = torch.linspace(float(lo), float(hi), self.scale_num).clamp(min=1e-6)
+        init = torch.cartesian_prod(bases, scales)
+        delta = [float(hi - lo) / self.scale_num]
+        new_cnt = 4
+
+        def expand(c, r):
+            d = delta[0] / (new_cnt - 0.5) ** r
+            offs = (torch.linspace(0, 1, new_cnt) - 0.5) * d
+            s = (c[:, 1:2] + offs).clamp(min=1e-6)
+            return torch.stack([c[:, 0:1].expand_as(s), s], -1).reshape(-1, 2)
+
+        best = progressive(init, evaluate, self.width, self.steps, expand)
+        q.set_params(q=int(best[0]), scale=float(best[1]))
+        return dict(kind='adalog', q=int(best[0]), scale=float(best[1]))
+
+    def _uniform_grid(self, x, n_lo=16, n_hi=8):
+        ps = torch.linspace(0.9, 1.0, max(n_lo, n_hi))
+        his = _quantile(x, ps[-n_hi:])
+        los = _quantile(x, 1 - ps[-n_lo:])
+        return torch.cartesian_prod(los, his)
+
+    def _expand_bounds(self, c, r):
+        d = 0.05 / 3.5 ** r
+        f = torch.tensor([-d, 0.0, d])
+        grid = torch.cartesian_prod(f, f)
+        grid = grid[(grid != 0).any(1)]                                  # 8 new per survivor
+        return (c[:, None, :] * (1 + grid[None])).reshape(-1, 2)
+
+    def _search_uniform_linear(self, m, x):
+        q = m.input_quantizer
+        loss_fn, elems = self._linear_objective(m, x)
+
+        def evaluate(c):
+            def make(i, j):
+                s, z = affine_params(c[i:j, 0], c[i:j, 1], q.bits, q.symmetric)
+                return fake_quant_affine(x[None], s[:, None, None], z[:, None, None], q.qmin, q.qmax)
+            return _batched_losses(make, len(c), elems, loss_fn)
+
+        init = torch.cat([self._uniform_grid(x), torch.stack([x.min(), x.max()])[None]])
+        best = progressive(init, evaluate, self.uniform_width, self.steps, self._expand_bounds)
+        q.set_range(best[0:1], best[1:2])
+        return dict(kind='uniform', low=float(best[0]), high=float(best[1]))
+
+    # ----------------------------------------------------------- softmax
+    def _search_softmax(self, m, a, b):
+        aq, bq = m.a_quantizer, m.b_quantizer
+        ref = a @ b
+        elems = ref.numel() + a.numel()
+        qs = torch.arange(aq.q_candidates[0], aq.q_candidates[1] + 1, dtype=torch.float32)
+        for _ in range(self.rounds):
+            b_hat = bq.fake_quant(b) if _active(bq) and bool(bq.calibrated) else b
+
+            def make(i, j):
+                return aq.fake_quant_candidates(a, qs[i:j], aq.scale.expand(j - i))
+
+            losses = _batched_losses(make, len(qs), elems,
+                                     lambda fa: (fa @ b_hat - ref).pow(2).mean(dim=tuple(range(1, fa.dim()))))
+            aq.set_params(q=int(qs[losses.argmin()]))
+            if isinstance(bq, UniformQuantizer) and bq.enabled:
+                self._search_v(aq.fake_quant(a), b, ref, bq)
+        return dict(kind='adalog-softmax', q=int(aq.q))
+
+    def _search_v(self, a_hat, b, ref, bq):
+        """Per-head (or per-tensor) uniform range of V on the attn @ V output."""
+        heads = b.shape[1] if bq.ch_axis == 1 else 1
+        bh = b.transpose(0, 1).reshape(heads, -1) if heads > 1 else b.reshape(1, -1)
+        grids = torch.stack([self._uniform_grid(bh[h]) for h in range(heads)], 1)   # (K, H, 2)
+
+        def per_head_loss(c):                                           # c: (K, H, 2)
+            s, z = affine_params(c[..., 0], c[..., 1], bq.bits, bq.symmetric)
+            shape = (len(c), 1, heads if heads > 1 else 1, 1, 1)
+            fb = fake_quant_affine(b[None], s.reshape(shape), z.reshape(shape), bq.qmin, bq.qmax)
+            err = (a_hat[None] @ fb - ref[None]).pow(2)
+            return err.mean(dim=(1, 3, 4)) if heads > 1 else err.mean(dim=(1, 2, 3, 4))[:, None]
+
+        chunk = max(1, CHUNK_ELEMS // max(1, ref.numel() + b.numel()))
+        losses = torch.cat([per_head_loss(grids[i:i + chunk]) for i in range(0, len(grids), chunk)])
+        best = grids.gather(0, losses.argmin(0)[None, :, None].expand(1, heads, 2))[0]
+        bq.set_range(best[:, 0], best[:, 1])
+
+
+def make_search(cfg):
+    """Build a search stage from a config dict ``dict(type='fpcs', ...)``."""
+    from .igq_alloc import IGQAllocation
+    cfg = dict(cfg)
+    kind = cfg.pop('type')
+    table = {'fpcs': FPCS, 'igq_allocation': IGQAllocation}
+    if kind not in table:
+        raise KeyError(f'unknown search {kind!r}; use one of {sorted(table)}')
+    return table[kind](**cfg)
+
+
+__all__ = ['FPCS', 'progressive', 'make_search']
