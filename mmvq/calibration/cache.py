@@ -50,7 +50,7 @@ class SearchCache(KeyedObserver):
         a4 = a.reshape(-1, *a.shape[-3:]) if a.dim() >= 4 else a.reshape(-1, 1, *a.shape[-2:])
         b4 = b.reshape(-1, *b.shape[-3:]) if b.dim() >= 4 else b.reshape(-1, 1, *b.shape[-2:])
         step = _stride(a4.shape[0], max(1, self.max_windows // exp))
-        return a4[::step].clone(), b4[::step].clone()
+        return a4[::step].clone(), b4[::step].clone(), a4.shape[0]
 
     def data(self):
         """Linear: list of ``(I, T, C)`` tensors (calls differ in T); MatMul:
@@ -60,12 +60,12 @@ class SearchCache(KeyedObserver):
             return [r[0] for r in recs]
         return torch.cat([r[0] for r in recs]), torch.cat([r[1] for r in recs])
 
-    def tokens_per_step(self):
-        """Average number of tokens through the layer per calibration step."""
-        if self.kind != 'linear' or self.empty:
+    def units_per_step(self):
+        """Average tokens (Linear) or windows (MatMul) per calibration step."""
+        if self.empty:
             return 0
         steps = len({k[0] for k in self.records})
-        return sum(r[1] for r in self.records.values()) / steps
+        return sum(r[-1] for r in self.records.values()) / steps
 
     def clear(self):
         self.records = {}

@@ -99,6 +99,9 @@ def run_calibration(model, samples, forward_fn, searches=(), logger=None, progre
     """
     log = logger.info if logger is not None else (lambda msg: None)
     times = {}
+    for search in searches:
+        if hasattr(search, 'attach'):
+            search.attach(model)
     t0 = time.perf_counter()
     observe(model, samples, forward_fn, progress)
     sync_observers(model)

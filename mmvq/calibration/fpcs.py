@@ -18,9 +18,13 @@ calibration). All candidates of a stage are evaluated as one batched tensor
   search ``q`` over all 129 values on the matmul output (V quantized), then
   V's per-head uniform range.
 * **Uniform Linear inputs (per-tensor)**: a 16 x 8 grid of lower/upper
-  clipping percentiles (0.9 .. 1.0 of each side), keep 16, then 5 rounds that
-  scale each survivor's bounds on a 3x3 grid of relative steps (start 5%,
-  shrinking by 3.5), keeping 16 (1 at the end). The reference searches
+  clipping percentiles (0.9 .. 1.0 of each side), keep ``uniform_width=8``,
+  then 5 rounds that scale each survivor's bounds on a 3x3 grid of relative
+  steps (start 5%, shrinking by 3.5), keeping 8 (1 at the end).
+
+CPU budget (deliberate difference): by default 512 cached tokens per Linear
+and 32 attention windows per MatMul (all calibration images together), and 8
+uniform survivors instead of the reference's 16. The reference searches
   (scale, zero point) pairs; we search the equivalent (low, high) bounds.
 * Per-head V ranges use the same grid, scored per head.
 
@@ -107,8 +111,8 @@ class FPCS:
 
     name = 'fpcs'
 
-    def __init__(self, steps=6, rounds=3, base_num=8, scale_num=16, width=32, uniform_width=16,
-                 max_tokens=2048, max_windows=64, search_uniform=True):
+    def __init__(self, steps=6, rounds=3, base_num=8, scale_num=16, width=32, uniform_width=8,
+                 max_tokens=512, max_windows=32, search_uniform=True):
         self.steps = steps
         self.rounds = rounds
         self.base_num = base_num
