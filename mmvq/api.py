@@ -145,8 +145,9 @@ def convert(model, qcfg):
         module = swap_class(site.module, site.wrapper)
         kwargs = dict(site.kwargs)
         if 'integer' in inspect.signature(module.quant_setup).parameters:
-            kwargs['integer'] = integer_ln and slot_cfgs.get('input') is not None \
-                and slot_cfgs['input']['type'] == 'PTFQuantizer'
+            inp = slot_cfgs.get('input')
+            kwargs['integer'] = integer_ln and inp is not None \
+                and QUANTIZERS.get(inp['type']) is QUANTIZERS.get('PTFQuantizer')
         module.quant_setup(slot_cfgs, **kwargs)
     model._mmvq_qcfg = qcfg
     return model

@@ -1,0 +1,237 @@
+"""``mmvq.PTQLoop``: calibrate on the train split, evaluate FP and quantized.
+
+Selected by ``test_cfg=dict(type='mmvq.PTQLoop', quant=..., ...)`` (what
+``tools/ptq.py`` sets), so mmengine's Runner provides checkpoint loading,
+``--cfg-options``, work dirs, logging and launchers exactly as in mmdet's
+``tools/test.py``.
+"""
+import copy
+import json
+import os.path as osp
+import time
+
+import torch
+from mmengine.dist import get_rank, is_main_process
+from mmengine.model import is_model_wrapper
+from mmengine.runner.loops import BaseLoop
+
+from ..api import convert, format_summary, iter_quantizers, quant_summary
+from ..checkpoint import atomic_write_text, file_sha256, load_quantized, save_quantized
+from ..registry import LOOPS
+from ..utils import collect_env
+from .data import CalibrationSamples
+from .driver import run_calibration
+from .fpcs import make_search
+
+QCFG_KEYS = {'name', 'scope', 'integer_layernorm', 'roles', 'overrides', 'searches', 'calib'}
+
+
+def validate_qcfg(qcfg):
+    """Raise a one-line error for an unusable quantization block."""
+    if not isinstance(qcfg, dict):
+        raise ValueError('the config has no `quant` block: add `quant = dict(...)` '
+                         '(see configs/_base_/quant/)')
+    unknown = set(qcfg) - QCFG_KEYS
+    if unknown:
+        raise ValueError(f'unknown key(s) {sorted(unknown)} in the quant block; allowed: '
+                         f'{sorted(QCFG_KEYS)}')
+
+
+def _progress(total, desc):
+    if not is_main_process():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+@LOOPS.register_module()
+class PTQLoop(BaseLoop):
+    """Post-training quantization test loop.
+
+    Args:
+        runner (Runner): the runner.
+        dataloader (dict | DataLoader): evaluation dataloader.
+        evaluator (dict | list | Evaluator): evaluation metrics.
+        quant (dict): quantization block (``roles``, ``scope``, ``searches``,
+            ``calib`` ...); see :mod:`mmvq.api`.
+        calib_images (int | None): calibration images (default: the block's
+            ``calib.images``, else 1 for detection-style configs).
+        calib_split (str | None): split to calibrate on (default ``'train'``).
+        seed (int | None): seed of the calibration draw.
+        skip_fp (bool): evaluate only the quantized model.
+        save_quantized (str | None): write the quantized checkpoint here.
+        load_quantized (str | None): skip calibration, load this checkpoint.
+        max_eval_images (int | None): evaluate the first N images only.
+    """
+
+    def __init__(self, runner, dataloader, evaluator, quant=None, calib_images=None,
+                 calib_split=None, seed=None, skip_fp=False, save_quantized=None,
+                 load_quantized=None, max_eval_images=None):
+        validate_qcfg(quant)
+        self.qcfg = copy.deepcopy(dict(quant))
+        calib = dict(self.qcfg.get('calib', {}))
+        self.calib_images = calib_images if calib_images is not None else calib.get('images', 1)
+        self.calib_split = calib_split or calib.get('split', 'train')
+        self.seed = seed if seed is not None else calib.get('seed', 0)
+        self.max_eval_images = max_eval_images
+        if max_eval_images is not None:
+            if max_eval_images < 1:
+                raise ValueError(f'--max-eval-images must be positive, got {max_eval_images}')
+            if isinstance(dataloader, dict):
+                dataloader = copy.deepcopy(dataloader)
+                dataloader['dataset']['indices'] = max_eval_images
+        super().__init__(runner, dataloader)
+        if isinstance(evaluator, (dict, list)):
+            self.evaluator = runner.build_evaluator(evaluator)
+        else:
+            self.evaluator = evaluator
+        dataset = self.dataloader.dataset
+        if hasattr(dataset, 'metainfo'):
+            self.evaluator.dataset_meta = dataset.metainfo
+            self.runner.visualizer.dataset_meta = dataset.metainfo
+        self._restrict_metrics()
+        self.skip_fp = skip_fp
+        self.save_quantized = save_quantized
+        self.load_quantized = load_quantized
+        self.searches = [make_search(s) for s in self.qcfg.get('searches', [])]
+
+    def _restrict_metrics(self):
+        """COCO metrics evaluate every annotated image unless told the subset."""
+        dataset = self.dataloader.dataset
+        if self.max_eval_images is None:
+            return
+        ids = [dataset.get_data_info(i).get('img_id') for i in range(len(dataset))]
+        for metric in self.evaluator.metrics:
+            if hasattr(metric, 'img_ids') and None not in ids:
+                metric.img_ids = ids
+
+    # ------------------------------------------------------------ stages
+    def _model(self):
+        model = self.runner.model
+        return model.module if is_model_wrapper(model) else model
+
+    @torch.no_grad()
+    def _evaluate(self, tag):
+        self.runner.model.eval()
+        self.runner.call_hook('before_test_epoch')
+        bar = _progress(len(self.dataloader), f'eval {tag}')
+        t0 = time.perf_counter()
+        for idx, data_batch in enumerate(self.dataloader):
+            self.runner.call_hook('before_test_iter', batch_idx=idx, data_batch=data_batch)
+            outputs = self.runner.model.test_step(data_batch)
+            self.evaluator.process(data_samples=outputs, data_batch=data_batch)
+            self.runner.call_hook('after_test_iter', batch_idx=idx, data_batch=data_batch,
+                                  outputs=outputs)
+            if bar is not None:
+                bar.update(1)
+        elapsed = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        metrics = self.evaluator.evaluate(len(self.dataloader.dataset))
+        self.runner.call_hook('after_test_epoch', metrics=metrics)
+        self.runner.logger.info(f'[mmvq] {tag} evaluation: {len(self.dataloader.dataset)} images '
+                                f'in {elapsed:.2f} s')
+        return metrics, elapsed
+
+    def _calibrate(self, model):
+        samples = CalibrationSamples(self.runner.cfg, self.calib_images, self.seed, self.calib_split)
+        bar = _progress(len(samples), 'calibrate')
+
+        def forward(m, batch):
+            return self.runner.model.test_step(batch)
+
+        times = run_calibration(model, samples, forward, self.searches, self.runner.logger,
+                                progress=(lambda p: bar.update(1)) if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        return samples, times
+
+    def run(self):
+        self.runner.call_hook('before_test')
+        model = self._model()
+        record = dict(fp=None, quantized=None, eval_time={}, calibration={})
+        if not self.skip_fp:
+            record['fp'], record['eval_time']['fp'] = self._evaluate('FP')
+        t0 = time.perf_counter()
+        if self.load_quantized:
+            meta = load_quantized(model, self.load_quantized, self.qcfg)
+            record['calibration'] = dict(loaded_from=self.load_quantized, **meta.get('calibration', {}))
+        else:
+            convert(model, self.qcfg)
+            samples, times = self._calibrate(model)
+            record['calibration'] = dict(images=len(samples), split=samples.split, seed=samples.seed,
+                                         image_ids=samples.image_ids(), stage_times=times,
+                                         searches={s.name: getattr(s, 'report', {})
+                                                   for s in self.searches})
+        record['calibration']['wall_time'] = time.perf_counter() - t0
+        summary = format_summary(model)
+        self.runner.logger.info('[mmvq] quantizers:\n' + summary.splitlines()[-1])
+        if self.save_quantized and is_main_process():
+            save_quantized(model, self.save_quantized, self.qcfg,
+                           meta=dict(config=self._config_name(),
+                                     calibration={k: v for k, v in record['calibration'].items()
+                                                  if k != 'searches'}))
+            self.runner.logger.info(f'[mmvq] quantized checkpoint written to {self.save_quantized}')
+        record['quantized'], record['eval_time']['quantized'] = self._evaluate('quantized')
+        if is_main_process():
+            self._write_results(record, summary, model)
+        self.runner.call_hook('after_test')
+        return record['quantized']
+
+    # ----------------------------------------------------------- results
+    def _config_name(self):
+        return getattr(self.runner.cfg, 'filename', None)
+
+    def _write_results(self, record, summary, model):
+        work_dir = self.runner.work_dir
+        ckpt = self.runner.cfg.get('load_from')
+        n_eval = len(self.dataloader.dataset)
+        fp, q = record['fp'] or {}, record['quantized'] or {}
+        delta = {k: q[k] - fp[k] for k in q if k in fp and isinstance(q[k], (int, float))}
+        kinds = {}
+        for row in quant_summary(model):
+            kinds.setdefault(row['kind'], set()).add(row['bits'])
+        results = dict(
+            config=self._config_name(), checkpoint=ckpt,
+            checkpoint_sha256=file_sha256(ckpt) if ckpt and osp.isfile(ckpt) else None,
+            method=self.qcfg.get('name', 'unnamed'),
+            bits={k: sorted(v) for k, v in kinds.items()},
+            quant=self.qcfg, scope=self.qcfg.get('scope', 'backbone'),
+            metrics=dict(fp=fp or None, quantized=q, delta=delta or None),
+            eval_images=n_eval,
+            eval_time=dict(total=record['eval_time'],
+                           per_image={k: v / max(1, n_eval) for k, v in record['eval_time'].items()}),
+            calibration=record['calibration'],
+            num_quantizers=len(list(iter_quantizers(model))),
+            versions=dict(collect_env()), rank=get_rank())
+        atomic_write_text(json.dumps(results, indent=2, default=str) + '\n',
+                          osp.join(work_dir, 'results.json'))
+        atomic_write_text(self._markdown(results, summary), osp.join(work_dir, 'results.md'))
+        atomic_write_text(summary + '\n', osp.join(work_dir, 'quant_summary.txt'))
+        self.runner.logger.info(f'[mmvq] results written to {work_dir}/results.json and results.md')
+
+    @staticmethod
+    def _markdown(r, summary):
+        m = r['metrics']
+        fp, q, d = m['fp'] or {}, m['quantized'], m['delta'] or {}
+        lines = [f'# mmvq PTQ results: {r["method"]}', '',
+                 f'- config: `{r["config"]}`', f'- checkpoint: `{r["checkpoint"]}` '
+                 f'(sha256 `{r["checkpoint_sha256"]}`)',
+                 f'- scope: {r["scope"]}; quantizers: {r["num_quantizers"]} '
+                 f'({", ".join(f"{k} " + "/".join(map(str, v)) + "-bit" for k, v in r["bits"].items())})',
+                 f'- calibration: {r["calibration"].get("images", "loaded")} image(s) of the '
+                 f'{r["calibration"].get("split", "-")} split, seed {r["calibration"].get("seed", "-")}, '
+                 f'{r["calibration"]["wall_time"]:.1f} s',
+                 f'- evaluation: {r["eval_images"]} images; per image FP '
+                 f'{r["eval_time"]["per_image"].get("fp", float("nan")):.3f} s, quantized '
+                 f'{r["eval_time"]["per_image"]["quantized"]:.3f} s', '',
+                 '| metric | FP | quantized | delta |', '|---|---|---|---|']
+        for k, v in q.items():
+            if isinstance(v, (int, float)):
+                fpv = fp.get(k)
+                lines.append(f'| {k} | {"-" if fpv is None else f"{fpv:.4f}"} | {v:.4f} | '
+                             f'{"-" if k not in d else f"{d[k]:+.4f}"} |')
+        lines += ['', f'versions: torch {r["versions"]["PyTorch"]}, mmcv {r["versions"]["mmcv"]}, '
+                  f'mmdet {r["versions"]["mmdet"]}, mmpretrain {r["versions"]["mmpretrain"]}, '
+                  f'mmvq {r["versions"]["mmvq"]}', '']
+        return '\n'.join(lines)

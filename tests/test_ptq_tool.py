@@ -1,0 +1,81 @@
+"""End-to-end: tools/ptq.py on Mask R-CNN Swin-T over ../shared/data/coco_mini."""
+import json
+import os.path as osp
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CONFIGS, ROOT
+
+TEST_CFG = osp.join(ROOT, 'tests', 'configs', 'mask_rcnn_swin_t_coco_mini.py')
+METRIC_KEYS = ('coco/bbox_mAP', 'coco/segm_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP_50')
+
+
+def compose(tmp_path, method):
+    path = tmp_path / f'{method}.py'
+    path.write_text(f"_base_ = ['{TEST_CFG}', '{osp.join(CONFIGS, '_base_', 'quant', method + '.py')}']\n")
+    return str(path)
+
+
+def ptq(cfg, coco_mini, work_dir, *extra, check=True):
+    data = coco_mini + '/'
+    cmd = [sys.executable, osp.join(ROOT, 'tools', 'ptq.py'), cfg, '--work-dir', str(work_dir),
+           '--cfg-options', f'train_dataloader.dataset.data_root={data}',
+           f'test_dataloader.dataset.data_root={data}',
+           f'test_evaluator.ann_file={data}annotations/instances_val2017.json', *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize('method', ['uniform_w8a8', 'fqvit_w8a8_attn4', 'adalog_w4a4'])
+def test_ptq_writes_fp_and_quantized_coco_metrics(method, coco_mini, tmp_path):
+    ptq(compose(tmp_path, method), coco_mini, tmp_path / 'wd', '--max-eval-images', '2')
+    res = json.loads((tmp_path / 'wd' / 'results.json').read_text())
+    for split in ('fp', 'quantized'):
+        for key in METRIC_KEYS:
+            assert 0.0 <= res['metrics'][split][key] <= 1.0
+    assert res['eval_images'] == 2
+    assert res['calibration']['images'] == 1 and res['calibration']['split'] == 'train'
+    assert res['calibration']['seed'] == 0 and len(res['calibration']['image_ids']) == 1
+    assert res['num_quantizers'] > 100
+    assert res['versions']['mmdet'] == '3.3.0'
+    assert res['eval_time']['per_image']['quantized'] > 0
+    md = (tmp_path / 'wd' / 'results.md').read_text()
+    assert '| coco/bbox_mAP |' in md and res['method'] in md
+    if method == 'adalog_w4a4':
+        assert set(res['bits']) == {'uniform', 'adalog+shift', 'adalog'}
+        assert res['calibration']['searches']['fpcs']
+    if method == 'fqvit_w8a8_attn4':
+        assert set(res['bits']) == {'uniform', 'ptf', 'lis'} and res['bits']['lis'] == [4]
+
+
+def test_save_load_round_trip_gives_identical_predictions(coco_mini, tmp_path):
+    cfg = compose(tmp_path, 'igq_w4a4')
+    qpath = tmp_path / 'q.pth'
+    ptq(cfg, coco_mini, tmp_path / 'a', '--skip-fp', '--max-eval-images', '2', '--calib-images', '2',
+        '--save-quantized', str(qpath), '--out', str(tmp_path / 'a.pkl'))
+    payload = torch.load(qpath, weights_only=True)           # no pickled code
+    assert payload['format'] == 'mmvq-quantized' and payload['format_version'] == 1
+    assert 'backbone.stages.0.blocks.0.attn.w_msa.qkv.weight' in payload['state_dict']
+    res_a = json.loads((tmp_path / 'a' / 'results.json').read_text())
+    alloc = res_a['calibration']['searches']['igq_allocation']
+    assert alloc['bops'] <= alloc['budget'] and len(alloc['groups']) == 12 * 5 + 3
+    ptq(cfg, coco_mini, tmp_path / 'b', '--skip-fp', '--max-eval-images', '2',
+        '--load-quantized', str(qpath), '--out', str(tmp_path / 'b.pkl'))
+    a = pickle.loads((tmp_path / 'a.pkl').read_bytes())
+    b = pickle.loads((tmp_path / 'b.pkl').read_bytes())
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        pa, pb = ra['pred_instances'], rb['pred_instances']
+        assert len(pa['bboxes']) > 0
+        for key in ('bboxes', 'scores', 'labels'):
+            assert torch.equal(pa[key], pb[key]), key
+        assert pa['masks'] == pb['masks']
+    res_b = json.loads((tmp_path / 'b' / 'results.json').read_text())
+    assert res_b['metrics']['quantized'] == res_a['metrics']['quantized']
+    assert res_b['calibration']['loaded_from'] == str(qpath)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Distributed PTQ, like mmdet's tools/dist_test.sh:
+#   bash tools/dist_ptq.sh CONFIG GPUS [CHECKPOINT] [--ptq-args ...]
+CONFIG=$1
+GPUS=$2
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+PORT=${PORT:-29500}
+MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
+
+PYTHONPATH="$(dirname "$0")/..":$PYTHONPATH \
+python -m torch.distributed.run \
+    --nnodes=$NNODES \
+    --node_rank=$NODE_RANK \
+    --master_addr=$MASTER_ADDR \
+    --nproc_per_node=$GPUS \
+    --master_port=$PORT \
+    "$(dirname "$0")/ptq.py" \
+    "$CONFIG" \
+    --launcher pytorch \
+    "${@:3}"
