@@ -23,7 +23,8 @@ calibration). All candidates of a stage are evaluated as one batched tensor
   steps (start 5%, shrinking by 3.5), keeping 8 (1 at the end).
 
 CPU budget (deliberate difference): by default 512 cached tokens per Linear
-and 32 attention windows per MatMul (all calibration images together), and 8
+and 32 attention windows per MatMul (all calibration images together), rows
+thinned so one candidate costs about 2^24 MACs (at least 32 rows), and 8
 uniform survivors instead of the reference's 16. The reference searches
   (scale, zero point) pairs; we search the equivalent (low, high) bounds.
 * Per-head V ranges use the same grid, scored per head.
@@ -107,12 +108,15 @@ class FPCS:
         max_tokens (int): cached tokens per Linear.
         max_windows (int): cached attention windows per MatMul.
         search_uniform (bool): also search uniform per-tensor Linear inputs.
+        macs_per_candidate (int): row budget of one Linear candidate evaluation.
+        min_rows (int): fewest rows kept per Linear.
     """
 
     name = 'fpcs'
 
     def __init__(self, steps=6, rounds=3, base_num=8, scale_num=16, width=32, uniform_width=8,
-                 max_tokens=512, max_windows=32, search_uniform=True):
+                 max_tokens=512, max_windows=32, search_uniform=True, macs_per_candidate=1 << 24,
+                 min_rows=32):
         self.steps = steps
         self.rounds = rounds
         self.base_num = base_num
@@ -122,6 +126,8 @@ class FPCS:
         self.max_tokens = max_tokens
         self.max_windows = max_windows
         self.search_uniform = search_uniform
+        self.macs_per_candidate = macs_per_candidate
+        self.min_rows = min_rows
         self.report = {}
 
     # ------------------------------------------------------------ targets
@@ -159,7 +165,7 @@ class FPCS:
                 if kind == 'adalog_matmul':
                     self.report[name] = self._search_softmax(m, *cache.data())
                 else:
-                    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in cache.data()])
+                    x = self._rows(m, torch.cat([t.reshape(-1, t.shape[-1]) for t in cache.data()]))
                     if kind == 'adalog_linear':
                         self.report[name] = self._search_adalog_linear(m, x)
                     else:
@@ -170,6 +176,11 @@ class FPCS:
             f'post-softmax AdaLog, {n["uniform_linear"]} uniform Linear inputs')
 
     # ------------------------------------------------------------ linear
+    def _rows(self, m, x):
+        """Evenly strided rows so one candidate costs about ``macs_per_candidate``."""
+        cap = max(self.min_rows, self.macs_per_candidate // (m.in_features * m.out_features))
+        return x[::max(1, -(-x.shape[0] // cap))]
+
     def _linear_objective(self, m, x):
         w = _weight(m)
         ref = F.linear(x, m.weight, m.bias)

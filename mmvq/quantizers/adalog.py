@@ -124,6 +124,12 @@ class AdaLogQuantizer(BaseQuantizer):
     def fake_quant_candidates(self, x, q, scale):
         """Fake-quantize ``x`` for many (q, scale) at once (search helper).
 
+        ``-log2(x + shift)`` is computed once; each candidate then costs a
+        multiply-add, a rounding and a gather from its own ``2^b + 1`` entry
+        table (the last entry is the exact zero), instead of a ``log2`` and a
+        ``pow`` per element and candidate. Equal to :meth:`fake_quant` up to
+        float rounding at exact code ties.
+
         Args:
             x (Tensor): input, any shape ``S``.
             q (Tensor): ``(K,)`` candidate q values.
@@ -133,13 +139,17 @@ class AdaLogQuantizer(BaseQuantizer):
             Tensor: ``(K, *S)``; the shift is applied and removed as in
             :meth:`fake_quant` before folding.
         """
+        levels = 2 ** self.bits
+        k = q.numel()
         view = (-1, ) + (1, ) * x.dim()
-        qf, sf = q.float().reshape(view), scale.float().reshape(view)
-        codes, zero = adalog_codes((x + self.shift)[None], sf, qf, self.r, self.bits)
-        grid = 2 ** (self.bits + 1) - 2
-        t1 = torch.floor(codes * qf / self.r)
-        t2 = torch.round(2.0 ** (-torch.remainder(qf * codes, self.r) / self.r) * grid) / grid
-        out = (torch.pow(2.0, -t1) * t2 * sf).masked_fill(zero, 0.0)
+        neg_log = -torch.log2((x + self.shift).clamp(min=1e-15))
+        e = (neg_log[None] + torch.log2(scale.float()).reshape(view)).clamp(0.0, 49.8289)
+        codes = torch.round(e * (self.r / q.float()).reshape(view)).clamp_(max=levels)
+        t1, t2 = adalog_tables(q.reshape(-1), self.r, self.bits)
+        lut = torch.cat([(2.0 ** -t1 * t2).float() * scale.float().reshape(-1, 1),
+                         torch.zeros(k, 1)], dim=1)                       # (K, levels + 1)
+        offset = (torch.arange(k) * (levels + 1)).reshape(view)
+        out = torch.take(lut, codes.long() + offset)
         if self.shifted and not bool(self.bias_folded):
             out = out - self.shift
         return out
