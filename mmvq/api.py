@@ -176,20 +176,15 @@ def enable_quantizers(model, enabled=True, pattern='*'):
 
 
 def finish_calibration(model):
-    """Compute every quantizer's parameters, then switch to quant mode.
+    """Observers -> parameters, then quant mode (for hand-driven calib passes).
 
-    Also applies AdaLog's bias reparameterization (post-GELU shift folded into
-    the next Linear's bias) once the weights' quantizers are ready.
+    Use after running forwards yourself with ``set_quant_mode(model, 'calib')``;
+    merges observers across ranks, fits every quantizer, folds AdaLog shifts.
     """
-    for name, q in iter_quantizers(model):
-        if q.enabled and q.mode == 'calib':
-            try:
-                q.calibrate()
-            except Exception as exc:
-                raise type(exc)(f'{name}: {exc}') from exc
-        q.reset_observer()
-    set_quant_mode(model, 'quant')
-    fold_adalog_shifts(model)
+    from .calibration.driver import finalize, initialise_parameters, sync_observers
+    sync_observers(model)
+    initialise_parameters(model)
+    finalize(model)
     return model
 
 
@@ -203,29 +198,35 @@ def fold_adalog_shifts(model):
             q.fold_shift_into(module)
 
 
-@torch.no_grad()
-def calibrate(model, batches, forward_fn=None):
-    """Observe ``batches`` with every quantizer in calib mode, then finish.
+def calibrate(model, batches, forward_fn=None, searches=None, logger=None):
+    """Calibrate a converted model on ``batches`` (a sequence) and switch to quant mode.
+
+    Runs :func:`mmvq.calibration.run_calibration`: observers over every
+    batch, the searches of the quantization config (``qcfg['searches']``,
+    e.g. FPCS, IGQ allocation) unless ``searches`` is given, AdaLog folding.
 
     Args:
         model (nn.Module): converted model.
-        batches (Iterable): calibration inputs.
+        batches (Sequence): calibration inputs.
         forward_fn (callable | None): ``forward_fn(model, batch)``; default
             ``model(batch)``.
+        searches (list | None): search stages or their config dicts.
+        logger: optional logger with ``.info``.
     """
+    from .calibration import make_search, run_calibration
     forward_fn = forward_fn or (lambda m, b: m(b))
+    if searches is None:
+        searches = getattr(model, '_mmvq_qcfg', {}).get('searches', [])
+    searches = [make_search(s) if isinstance(s, dict) else s for s in searches]
     was_training = model.training
-    model.eval()
-    set_quant_mode(model, 'calib')
-    for batch in batches:
-        forward_fn(model, batch)
-    finish_calibration(model)
+    run_calibration(model, list(batches), forward_fn, searches, logger)
     model.train(was_training)
     return model
 
 
 def quantize(model, qcfg, calib_data, forward_fn=None):
-    """Convert ``model`` with ``qcfg`` and calibrate it on ``calib_data``."""
+    """One call for notebooks: convert ``model`` in place with ``qcfg`` and
+    calibrate it on ``calib_data``; returns the quantized model."""
     convert(model, qcfg)
     return calibrate(model, calib_data, forward_fn)
 

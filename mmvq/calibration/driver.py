@@ -117,10 +117,15 @@ def run_calibration(model, samples, forward_fn, searches=(), logger=None, progre
         search(model, log)
         times[name] = time.perf_counter() - t0
         log(f'[mmvq] search {name} in {times[name]:.2f} s')
+    finalize(model)
+    return times
+
+
+def finalize(model):
+    """Drop calibration data, switch to quant mode, fold AdaLog shifts."""
     for _, q in iter_quantizers(model):
         q.reset_observer()
     for _, cache in iter_search_caches(model):
         cache.clear()
     set_quant_mode(model, 'quant')
     fold_adalog_shifts(model)
-    return times

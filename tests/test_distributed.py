@@ -1,0 +1,67 @@
+"""Calibration sharded over 2 processes (gloo, CPU) == 1 process, bit for bit."""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mmvq
+from mmvq.calibration import FPCS, IGQAllocation, run_calibration
+
+A4 = dict(type='UniformQuantizer', bits=4)
+H4 = dict(A4, granularity='head')
+MIXED = dict(
+    scope='backbone', integer_layernorm=True,
+    roles=dict(weight=dict(type='UniformQuantizer', bits=4, symmetric=True, granularity='channel', ch_axis=0),
+               act=A4, q=H4, k=H4, v=H4,
+               ln_input=dict(type='PTFQuantizer', bits=8), ln_output=dict(type='UniformQuantizer', bits=8),
+               linear_input=dict(type='IGQQuantizer', bits=4, num_groups=4),
+               qkv_input=None, fc1_input=None, reduction_input=None,
+               attn_probs=dict(type='AdaLogQuantizer', bits=4, fixed_scale=1.0),
+               fc2_input=dict(type='AdaLogQuantizer', bits=4, shift=0.16997124254703522),
+               conv_input=dict(type='UniformQuantizer', bits=8, observer='omse')))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _calibrate(rank, world, port, out):
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+        dist.init_process_group('gloo', rank=rank, world_size=world)
+    from mmdet.models.backbones import SwinTransformer
+    torch.manual_seed(0)
+    model = SwinTransformer(embed_dims=32, depths=[2, 2], num_heads=[1, 2], window_size=7,
+                            out_indices=(0, 1), init_cfg=None)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    samples = [torch.randn(1, 3, 112, 112, generator=g) for _ in range(5)]
+    mmvq.convert(model, MIXED)
+    run_calibration(model, samples, lambda m, x: m(x), [FPCS(steps=3), IGQAllocation(candidates=(2, 4, 8), budget_groups=4)])
+    torch.save(model.state_dict(), f'{out}.{world}.{rank}.pth')
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_two_process_calibration_matches_one_process(tmp_path):
+    out = str(tmp_path / 'sd')
+    mp.spawn(_calibrate, args=(1, 0, out), nprocs=1, join=True)
+    mp.spawn(_calibrate, args=(2, _free_port(), out), nprocs=2, join=True)
+    ref = torch.load(f'{out}.1.0.pth', weights_only=True)
+    quant_keys = [k for k in ref if '_quantizer.' in k]
+    assert len(quant_keys) > 100
+    kinds = {k.rsplit('.', 1)[-1] for k in quant_keys}
+    assert {'alpha', 'centres', 'q', 'scale', 'zero_point', 'table1'} <= kinds
+    for rank in (0, 1):
+        sd = torch.load(f'{out}.2.{rank}.pth', weights_only=True)
+        assert sd.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(sd[k], ref[k]), f'rank {rank}: {k} differs'
+    # IGQ allocation chose different group counts somewhere, and did it identically
+    centres = [ref[k].shape[0] for k in quant_keys if k.endswith('centres')]
+    assert len(set(centres)) > 1
