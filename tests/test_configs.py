@@ -1,0 +1,94 @@
+"""Every drop-in config parses, builds, converts, calibrates and runs on a real image.
+
+Detection configs run one calibration forward and one quantized forward on a
+real coco_mini image (resized to 256 px short side to keep the suite fast;
+searches are skipped, observers only); classification configs do the same at
+224 px. A config that rots fails here.
+"""
+import glob
+import os.path as osp
+
+import pytest
+import torch
+
+import mmvq
+from conftest import CONFIGS
+from mmvq.calibration.driver import finalize, initialise_parameters, observe
+
+DET = sorted(glob.glob(osp.join(CONFIGS, '*.py')))
+CLS = sorted(glob.glob(osp.join(CONFIGS, 'cls', '*.py')))
+QUANT_BLOCKS = sorted(glob.glob(osp.join(CONFIGS, '_base_', 'quant', '*.py')))
+
+
+def test_matrix_is_complete():
+    names = {osp.basename(p)[:-3] for p in DET}
+    assert 'cascade_swin_s_fqvit' in names
+    models = ('mask_rcnn_swin_t', 'mask_rcnn_swin_s', 'cascade_swin_t', 'cascade_swin_s')
+    methods = ('fqvit', 'fqvit_attn8', 'adalog_w3a3', 'adalog_w4a4', 'adalog_w6a6', 'igq_w4a4_g8',
+               'igq_w4a4_g12', 'igq_w6a6_g8', 'igq_w6a6_g12', 'uniform_w4a4', 'uniform_w6a6',
+               'uniform_w8a8', 'mixed_w4a4')
+    assert names == {f'{m}_{k}' for m in models for k in methods}
+    assert len(CLS) == 7 * len(methods) and len(QUANT_BLOCKS) == len(methods)
+
+
+def _quantize_and_run(model, batch, forward):
+    mmvq.convert(model, model.cfg_quant)
+    observe(model, [batch], forward)
+    initialise_parameters(model)
+    finalize(model)
+    with torch.no_grad():
+        return forward(model, batch)
+
+
+def _check_quant_block(cfg):
+    from mmvq.calibration import validate_qcfg
+    validate_qcfg(cfg.quant)
+    assert cfg.quant.calib.split == 'train'
+    assert cfg.custom_imports.imports == ['mmvq']
+
+
+@pytest.mark.parametrize('path', DET, ids=lambda p: osp.basename(p)[:-3])
+def test_detection_config(path, coco_image):
+    from mmdet.apis import inference_detector, init_detector
+    from mmengine.config import Config
+    cfg = Config.fromfile(path)
+    _check_quant_block(cfg)
+    assert cfg.quant.calib.images == 1
+    assert cfg.test_dataloader.dataset.data_root == 'data/coco/'
+    assert cfg.train_dataloader.dataset.ann_file == 'annotations/instances_train2017.json' \
+        or cfg.train_dataloader.dataset.get('dataset', {}).get('ann_file') == \
+        'annotations/instances_train2017.json'
+    cfg.model.backbone.init_cfg = None
+    for t in cfg.test_dataloader.dataset.pipeline:
+        if t['type'] == 'Resize':
+            t['scale'] = (427, 256)
+    torch.manual_seed(0)
+    model = init_detector(cfg, None, device='cpu')
+    model.cfg_quant = cfg.quant.to_dict()
+    result = _quantize_and_run(model, coco_image, lambda m, img: inference_detector(m, img))
+    assert result.pred_instances.bboxes.shape[1] == 4
+    assert len(mmvq.quant_summary(model)) > 50
+
+
+@pytest.mark.parametrize('path', CLS, ids=lambda p: osp.basename(p)[:-3])
+def test_classification_config(path, coco_image):
+    import mmpretrain.utils
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+    from mmpretrain.registry import MODELS
+
+    from test_adapters_mmpretrain import image_batch
+    mmpretrain.utils.register_all_modules(init_default_scope=False)
+    cfg = Config.fromfile(path)
+    _check_quant_block(cfg)
+    assert cfg.quant.calib.images == 32
+    assert cfg.train_dataloader.dataset.split == 'train'
+    cfg.model.backbone.init_cfg = None
+    cfg.model.pop('init_cfg', None)
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = MODELS.build(cfg.model)
+    model.eval()
+    model.cfg_quant = cfg.quant.to_dict()
+    logits = _quantize_and_run(model, image_batch(coco_image), lambda m, x: m(x, mode='tensor'))
+    assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
