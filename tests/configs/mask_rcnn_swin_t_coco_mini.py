@@ -4,7 +4,6 @@
 # CPU tests fast; the R-CNN score threshold is 0 so random weights still
 # produce detections for the COCO metric.
 _base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py']
-custom_imports = dict(imports=['mmvq'], allow_failed_imports=False)
 
 data_root = '../shared/data/coco_mini/'
 model = dict(backbone=dict(init_cfg=None), test_cfg=dict(rcnn=dict(score_thr=0.0)))
