@@ -95,6 +95,27 @@ def _apply_hints(cfg, hints):
     return cfg
 
 
+WEIGHT_QUANTIZERS = ('UniformQuantizer', )
+
+
+def _check_slot(site, slot, role, cfg):
+    """Reject configs that cannot work, naming the role and the fix."""
+    if cfg is None:
+        return
+    qcls = QUANTIZERS.get(cfg['type'])
+    if qcls is None:
+        raise KeyError(f'unknown quantizer type {cfg["type"]!r} for role {role}; registered: '
+                       f'{", ".join(sorted(QUANTIZERS.module_dict))}')
+    if slot == 'weight' and qcls.__name__ not in WEIGHT_QUANTIZERS:
+        raise ValueError(f'{qcls.__name__} cannot quantize weights (role {role} of {site.name}): '
+                         'use UniformQuantizer for weights')
+    groups = cfg.get('num_groups')
+    channels = getattr(site.module, 'in_features', None)
+    if groups is not None and slot == 'input' and channels is not None and groups > channels:
+        raise ValueError(f'num_groups={groups} is larger than the {channels} input channels of '
+                         f'{site.name} (role {role}): use at most {channels} groups')
+
+
 def _find_backbone(model):
     backbone = getattr(model, 'backbone', None)
     if isinstance(backbone, nn.Module):
@@ -127,8 +148,33 @@ def plan(model, qcfg):
                 if role and fnmatch.fnmatch(site.name, ov['name']):
                     cfg = _apply_override(cfg, _chain_lookup(ov.get('roles', {}), role))
             slot_cfgs[slot] = _apply_hints(cfg, site.hints.get(slot))
+            _check_slot(site, slot, role, slot_cfgs[slot])
         planned.append((site, slot_cfgs))
     return planned
+
+
+def validate_plan(model, qcfg):
+    """Check ``qcfg`` against ``model`` without converting it (fails fast).
+
+    Resolves every site's quantizer configs and builds each distinct one
+    once, so unknown types, impossible roles, too many groups and bad bit
+    widths raise before any evaluation runs. Returns the number of sites.
+    """
+    import json
+
+    from .modules.base import build_quantizer
+    seen = set()
+    planned = plan(model, copy.deepcopy(dict(qcfg)))
+    for site, slot_cfgs in planned:
+        for slot, cfg in slot_cfgs.items():
+            key = json.dumps(cfg, sort_keys=True, default=str)
+            if cfg is not None and key not in seen:
+                seen.add(key)
+                try:
+                    build_quantizer(cfg)
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f'{site.name} ({slot}): {exc}') from None
+    return len(planned)
 
 
 def convert(model, qcfg):
@@ -149,6 +195,8 @@ def convert(model, qcfg):
             kwargs['integer'] = integer_ln and inp is not None \
                 and QUANTIZERS.get(inp['type']) is QUANTIZERS.get('PTFQuantizer')
         module.quant_setup(slot_cfgs, **kwargs)
+    for name, q in iter_quantizers(model):
+        q.site_name = name
     model._mmvq_qcfg = qcfg
     return model
 

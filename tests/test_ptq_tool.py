@@ -55,7 +55,7 @@ def test_ptq_writes_fp_and_quantized_coco_metrics(method, coco_mini, tmp_path):
 
 
 def test_save_load_round_trip_gives_identical_predictions(coco_mini, tmp_path):
-    cfg = compose(tmp_path, 'igq_w4a4')
+    cfg = compose(tmp_path, 'igq_w4a4_g8')
     qpath = tmp_path / 'q.pth'
     ptq(cfg, coco_mini, tmp_path / 'a', '--skip-fp', '--max-eval-images', '2', '--calib-images', '2',
         '--save-quantized', str(qpath), '--out', str(tmp_path / 'a.pkl'))

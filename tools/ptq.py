@@ -37,6 +37,8 @@ def parse_args(argv=None):
                         help='load a quantized checkpoint instead of calibrating')
     parser.add_argument('--max-eval-images', type=int, default=None,
                         help='evaluate only the first N images (essential on CPU)')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='allow a checkpoint holding pickled objects (only files you trust)')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks')
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
@@ -54,30 +56,38 @@ class DictAction(argparse.Action):
 
 def build_runner(args):
     from mmengine.config import Config
+    from mmengine.model import is_model_wrapper
     from mmengine.runner import Runner
 
     import mmvq  # noqa: F401  (registers mmvq.PTQLoop)
     from mmvq.calibration import validate_qcfg
+    from mmvq.utils import checks
 
-    if not osp.isfile(args.config) or not args.config.endswith('.py'):
-        raise FileNotFoundError(f'config {args.config} is not a Python config file')
-    if args.checkpoint is not None and not osp.isfile(args.checkpoint):
-        raise FileNotFoundError(f'checkpoint {args.checkpoint} does not exist')
+    checks.check_config_path(args.config)
+    state = None
+    if args.checkpoint is not None:
+        state = checks.load_state_dict(args.checkpoint, args.trust_checkpoint)
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
     validate_qcfg(cfg.get('quant'))
+    if args.calib_images is not None and args.calib_images < 1:
+        raise checks.UserInputError(f'--calib-images must be at least 1, got {args.calib_images}')
+    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
+        raise checks.UserInputError('--out must name a .pkl or .pickle file')
+    checks.check_dataset(cfg, 'test_dataloader')
+    if args.load_quantized is None:
+        checks.check_dataset(cfg, f'{args.calib_split or cfg.quant.get("calib", {}).get("split", "train")}'
+                                  '_dataloader')
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
-    os.makedirs(cfg.work_dir, exist_ok=True)
-    if not os.access(cfg.work_dir, os.W_OK):
-        raise PermissionError(f'work dir {cfg.work_dir} is not writable: pass --work-dir')
-    cfg.load_from = args.checkpoint
-    cfg.test_cfg = dict(type='mmvq.PTQLoop', quant=cfg.quant.to_dict() if hasattr(cfg.quant, 'to_dict')
-                        else dict(cfg.quant),
+    checks.check_work_dir(cfg.work_dir)
+    cfg.load_from = None                       # loaded (and checked) below
+    quant = cfg.quant.to_dict() if hasattr(cfg.quant, 'to_dict') else dict(cfg.quant)
+    cfg.test_cfg = dict(type='mmvq.PTQLoop', quant=quant, checkpoint=args.checkpoint,
                         calib_images=args.calib_images, calib_split=args.calib_split, seed=args.seed,
                         skip_fp=args.skip_fp, save_quantized=args.save_quantized,
                         load_quantized=args.load_quantized, max_eval_images=args.max_eval_images)
@@ -87,11 +97,13 @@ def build_runner(args):
         if not torch.cuda.is_available():
             cfg.env_cfg.dist_cfg['backend'] = 'gloo'
     runner = Runner.from_cfg(cfg)
+    if state is not None:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        checks.check_state_dict_fits(state, model, args.checkpoint)
+        model.load_state_dict(state, strict=True)
+        runner.logger.info(f'[mmvq] loaded checkpoint {args.checkpoint}')
     if args.out is not None:
-        from mmdet.engine.hooks.utils import trigger_visualization_hook  # noqa: F401
         from mmdet.evaluation import DumpDetResults
-        if not args.out.endswith(('.pkl', '.pickle')):
-            raise ValueError('--out must be a .pkl or .pickle file')
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
     return runner
 
@@ -101,10 +113,13 @@ def main(argv=None):
     try:
         runner = build_runner(args)
         runner.test()
-    except (FileNotFoundError, PermissionError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one line for users, full trace with --debug
         if args.debug:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        msg = text.splitlines()[0] if text else type(exc).__name__
+        if type(exc).__name__ not in ('UserInputError', ) and not isinstance(exc, (ValueError, OSError)):
+            msg = f'{type(exc).__name__}: {msg} (run with --debug for the traceback)'
         print(f'ptq.py: error: {msg}', file=sys.stderr)
         return 2
     return 0

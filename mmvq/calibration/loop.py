@@ -15,7 +15,7 @@ from mmengine.dist import get_rank, is_main_process
 from mmengine.model import is_model_wrapper
 from mmengine.runner.loops import BaseLoop
 
-from ..api import convert, format_summary, iter_quantizers, quant_summary
+from ..api import convert, format_summary, iter_quantizers, quant_summary, validate_plan
 from ..checkpoint import atomic_write_text, file_sha256, load_quantized, save_quantized
 from ..registry import LOOPS
 from ..utils import collect_env
@@ -62,11 +62,12 @@ class PTQLoop(BaseLoop):
         save_quantized (str | None): write the quantized checkpoint here.
         load_quantized (str | None): skip calibration, load this checkpoint.
         max_eval_images (int | None): evaluate the first N images only.
+        checkpoint (str | None): float checkpoint path, for the report.
     """
 
     def __init__(self, runner, dataloader, evaluator, quant=None, calib_images=None,
                  calib_split=None, seed=None, skip_fp=False, save_quantized=None,
-                 load_quantized=None, max_eval_images=None):
+                 load_quantized=None, max_eval_images=None, checkpoint=None):
         validate_qcfg(quant)
         self.qcfg = copy.deepcopy(dict(quant))
         calib = dict(self.qcfg.get('calib', {}))
@@ -91,9 +92,17 @@ class PTQLoop(BaseLoop):
             self.runner.visualizer.dataset_meta = dataset.metainfo
         self._restrict_metrics()
         self.skip_fp = skip_fp
+        self.checkpoint = checkpoint or self.runner.cfg.get('load_from')
         self.save_quantized = save_quantized
         self.load_quantized = load_quantized
         self.searches = [make_search(s) for s in self.qcfg.get('searches', [])]
+        # fail fast, before any evaluation: the quantization block must fit the
+        # model and the calibration split must hold enough images
+        validate_plan(self._model(), self.qcfg)
+        self.calib_samples = None
+        if not load_quantized:
+            self.calib_samples = CalibrationSamples(self.runner.cfg, self.calib_images, self.seed,
+                                                    self.calib_split)
 
     def _restrict_metrics(self):
         """COCO metrics evaluate every annotated image unless told the subset."""
@@ -134,16 +143,18 @@ class PTQLoop(BaseLoop):
         return metrics, elapsed
 
     def _calibrate(self, model):
-        samples = CalibrationSamples(self.runner.cfg, self.calib_images, self.seed, self.calib_split)
+        samples = self.calib_samples
         bar = _progress(len(samples), 'calibrate')
 
         def forward(m, batch):
             return self.runner.model.test_step(batch)
 
-        times = run_calibration(model, samples, forward, self.searches, self.runner.logger,
-                                progress=(lambda p: bar.update(1)) if bar is not None else None)
-        if bar is not None:
-            bar.close()
+        try:
+            times = run_calibration(model, samples, forward, self.searches, self.runner.logger,
+                                    progress=(lambda p: bar.update(1)) if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
         return samples, times
 
     def run(self):
@@ -184,7 +195,7 @@ class PTQLoop(BaseLoop):
 
     def _write_results(self, record, summary, model):
         work_dir = self.runner.work_dir
-        ckpt = self.runner.cfg.get('load_from')
+        ckpt = self.checkpoint
         n_eval = len(self.dataloader.dataset)
         fp, q = record['fp'] or {}, record['quantized'] or {}
         delta = {k: q[k] - fp[k] for k in q if k in fp and isinstance(q[k], (int, float))}

@@ -58,7 +58,12 @@ class BaseQuantizer(nn.Module):
         if not self.enabled or self.mode == 'float':
             return x
         if self.mode == 'calib':
-            self.observe(x.detach())
+            x_det = x.detach()
+            if not bool(torch.isfinite(x_det).all()):
+                where = getattr(self, 'site_name', type(self).__name__)
+                raise ValueError(f'calibration values at {where} contain NaN/Inf: check the '
+                                 'checkpoint weights and the input normalisation (data_preprocessor)')
+            self.observe(x_det)
             return x
         if not bool(self.calibrated):
             raise RuntimeError(f'{type(self).__name__} is used in quant mode before '
