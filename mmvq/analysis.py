@@ -52,11 +52,11 @@ def layer_sensitivity(model, inputs, output_fn):
         output_fn (callable): ``output_fn(model, input) -> Tensor | tuple``.
     """
     enabled = {name: q.enabled for name, q in iter_quantizers(model)}
+    layers = list(quantized_layers(model))
     try:
         enable_quantizers(model, False)
         ref = [_flatten(output_fn(model, x)) for x in inputs]
         rows = []
-        layers = list(quantized_layers(model))
         for name, module in layers:
             for _, q in module.quantizers():
                 q.enabled = enabled.get(q.site_name, True)

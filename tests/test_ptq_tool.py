@@ -20,9 +20,10 @@ def compose(tmp_path, method):
     return str(path)
 
 
-def ptq(cfg, coco_mini, work_dir, *extra, check=True):
+def ptq(cfg, coco_mini, work_dir, *extra, check=True, checkpoint=None):
     data = coco_mini + '/'
-    cmd = [sys.executable, osp.join(ROOT, 'tools', 'ptq.py'), cfg, '--work-dir', str(work_dir),
+    ckpt = [str(checkpoint)] if checkpoint else []
+    cmd = [sys.executable, osp.join(ROOT, 'tools', 'ptq.py'), cfg, *ckpt, '--work-dir', str(work_dir),
            '--cfg-options', f'train_dataloader.dataset.data_root={data}',
            f'test_dataloader.dataset.data_root={data}',
            f'test_evaluator.ann_file={data}annotations/instances_val2017.json', *extra]

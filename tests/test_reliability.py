@@ -11,11 +11,19 @@ from test_ptq_tool import compose, ptq
 
 
 def test_same_seed_gives_identical_parameters_and_metrics(coco_mini, tmp_path):
-    cfg = compose(tmp_path, 'mixed_w4a4')
+    from mmengine.registry import MODELS
+
+    from mmvq.utils import load_config
+    from test_ptq_tool import TEST_CFG
+    model_cfg = load_config(TEST_CFG).model
+    torch.manual_seed(0)
+    ckpt = tmp_path / 'float.pth'
+    torch.save({'state_dict': MODELS.build(model_cfg).state_dict()}, ckpt)
+    cfg = compose(tmp_path, 'igq_w4a4_g8')
     runs = []
     for name in ('a', 'b'):
         ptq(cfg, coco_mini, tmp_path / name, '--max-eval-images', '1', '--calib-images', '2',
-            '--seed', '3', '--save-quantized', str(tmp_path / f'{name}.pth'))
+            '--seed', '3', '--save-quantized', str(tmp_path / f'{name}.pth'), checkpoint=ckpt)
         _, _, state = read_quantized(str(tmp_path / f'{name}.pth'))
         res = json.loads((tmp_path / name / 'results.json').read_text())
         runs.append((state, res))
@@ -28,7 +36,8 @@ def test_same_seed_gives_identical_parameters_and_metrics(coco_mini, tmp_path):
     assert len(ra['calibration']['image_ids']) == 2
     # another seed draws other images
     ptq(cfg, coco_mini, tmp_path / 'c', '--max-eval-images', '1', '--calib-images', '2',
-        '--seed', '4', '--skip-fp')
+        '--seed', '4', '--skip-fp', checkpoint=ckpt)
+    assert ra['checkpoint_sha256'] == rb['checkpoint_sha256'] and len(ra['checkpoint_sha256']) == 64
     rc = json.loads((tmp_path / 'c' / 'results.json').read_text())
     assert rc['calibration']['image_ids'] != ra['calibration']['image_ids']
 
