@@ -23,14 +23,14 @@ FORMAT = 'mmvq-quantized'
 FORMAT_VERSION = 1
 
 
-def atomic_torch_save(obj, path):
-    """``torch.save`` to ``path`` atomically."""
+def _atomic_write(path, mode, write):
+    """Write via a temporary file in the same folder, then ``os.replace``."""
     folder = osp.dirname(osp.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(path) + '.', suffix='.tmp', dir=folder)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,19 +40,14 @@ def atomic_torch_save(obj, path):
         raise
 
 
+def atomic_torch_save(obj, path):
+    """``torch.save`` to ``path`` atomically."""
+    _atomic_write(path, 'wb', lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(text, path):
     """Write a text file atomically."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
+    _atomic_write(path, 'w', lambda f: f.write(text))
 
 
 def file_sha256(path, chunk=1 << 20):

@@ -14,12 +14,15 @@ replaces it in place, as NVIDIA ModelOpt's ``QuantModuleRegistry`` does.
 """
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import LOOPS as MMENGINE_LOOPS
+from mmengine.registry import MODEL_WRAPPERS as MMENGINE_MODEL_WRAPPERS
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import Registry
 
 MODELS = Registry('model', parent=MMENGINE_MODELS, locations=['mmvq.modules'])
 LOOPS = Registry('loop', parent=MMENGINE_LOOPS, locations=['mmvq.calibration'])
 HOOKS = Registry('hook', parent=MMENGINE_HOOKS, locations=['mmvq.calibration'])
+MODEL_WRAPPERS = Registry('model_wrapper', parent=MMENGINE_MODEL_WRAPPERS,
+                          locations=['mmvq.calibration'])
 QUANTIZERS = Registry('quantizer', scope='mmvq', locations=['mmvq.quantizers'])
 
 

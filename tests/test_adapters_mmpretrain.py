@@ -26,11 +26,15 @@ CLASSIFIERS = {
 
 
 def build(path):
+    return build_from_cfg(load_config(path))
+
+
+def build_from_cfg(cfg):
+    """An mmpretrain classifier with random (seeded) weights, in eval mode."""
     import mmpretrain.utils
     from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
     mmpretrain.utils.register_all_modules(init_default_scope=False)
-    cfg = load_config(path)
     cfg.model.backbone.init_cfg = None
     cfg.model.pop('init_cfg', None)
     torch.manual_seed(0)

@@ -73,23 +73,14 @@ def test_detection_config(path, coco_image):
 
 @pytest.mark.parametrize('path', CLS, ids=lambda p: osp.basename(p)[:-3])
 def test_classification_config(path, coco_image):
-    import mmpretrain.utils
     from mmengine.config import Config
-    from mmengine.registry import DefaultScope
-    from mmpretrain.registry import MODELS
 
-    from test_adapters_mmpretrain import image_batch
-    mmpretrain.utils.register_all_modules(init_default_scope=False)
+    from test_adapters_mmpretrain import build_from_cfg, image_batch
     cfg = Config.fromfile(path)
     _check_quant_block(cfg)
     assert cfg.quant.calib.images == 32
     assert cfg.train_dataloader.dataset.split == 'train'
-    cfg.model.backbone.init_cfg = None
-    cfg.model.pop('init_cfg', None)
-    torch.manual_seed(0)
-    with DefaultScope.overwrite_default_scope('mmpretrain'):
-        model = MODELS.build(cfg.model)
-    model.eval()
+    model = build_from_cfg(cfg)
     model.cfg_quant = cfg.quant.to_dict()
     logits = _quantize_and_run(model, image_batch(coco_image), lambda m, x: m(x, mode='tensor'))
     assert logits.shape == (1, 1000) and torch.isfinite(logits).all()

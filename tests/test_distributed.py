@@ -1,5 +1,7 @@
 """Calibration sharded over 2 processes (gloo, CPU) == 1 process, bit for bit."""
+import json
 import os
+import os.path as osp
 import socket
 
 import torch
@@ -65,3 +67,43 @@ def test_two_process_calibration_matches_one_process(tmp_path):
     # IGQ allocation chose different group counts somewhere, and did it identically
     centres = [ref[k].shape[0] for k in quant_keys if k.endswith('centres')]
     assert len(set(centres)) > 1
+
+
+def test_dist_ptq_cli_two_processes_equal_one(coco_mini, tmp_path):
+    """tools/dist_ptq.sh (torchrun, gloo on CPU) saves the same quantized model as one process."""
+    import subprocess
+    import sys
+
+    from mmengine.registry import MODELS
+
+    from conftest import ROOT
+    from mmvq.checkpoint import read_quantized
+    from mmvq.utils import load_config
+    from test_ptq_tool import TEST_CFG, compose
+    torch.manual_seed(0)
+    ckpt = tmp_path / 'float.pth'
+    torch.save({'state_dict': MODELS.build(load_config(TEST_CFG).model).state_dict()}, ckpt)
+    cfg = compose(tmp_path, 'fqvit_w8a8_attn4')
+    data = coco_mini + '/'
+    common = ['--skip-fp', '--max-eval-images', '2', '--calib-images', '3',
+              '--cfg-options', f'train_dataloader.dataset.data_root={data}',
+              f'test_dataloader.dataset.data_root={data}',
+              f'test_evaluator.ann_file={data}annotations/instances_val2017.json']
+    env = dict(os.environ, PATH=osp.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
+               PORT=str(_free_port()), OMP_NUM_THREADS='1')
+    one = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'ptq.py'), cfg, str(ckpt), '--work-dir',
+                          str(tmp_path / 'one'), '--save-quantized', str(tmp_path / 'one.pth'), *common],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_ptq.sh'), cfg, '2', str(ckpt), '--work-dir',
+                          str(tmp_path / 'two'), '--save-quantized', str(tmp_path / 'two.pth'), *common],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    _, meta1, s1 = read_quantized(str(tmp_path / 'one.pth'))
+    _, meta2, s2 = read_quantized(str(tmp_path / 'two.pth'))
+    assert meta1['calibration']['image_ids'] == meta2['calibration']['image_ids']
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k
+    r1 = json.loads((tmp_path / 'one' / 'results.json').read_text())
+    r2 = json.loads((tmp_path / 'two' / 'results.json').read_text())
+    assert r1['metrics']['quantized'] == r2['metrics']['quantized']

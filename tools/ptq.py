@@ -40,7 +40,9 @@ def parse_args(argv=None):
     parser.add_argument('--trust-checkpoint', action='store_true',
                         help='allow a checkpoint holding pickled objects (only files you trust)')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks')
-    args = parser.parse_args(argv)
+    # intermixed: the optional CHECKPOINT may follow options (dist_ptq.sh puts
+    # --launcher first), as long as it precedes --cfg-options
+    args = parser.parse_intermixed_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
@@ -92,10 +94,18 @@ def build_runner(args):
                         skip_fp=args.skip_fp, save_quantized=args.save_quantized,
                         load_quantized=args.load_quantized, max_eval_images=args.max_eval_images)
     if args.launcher != 'none':
-        cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
         import torch
+        import torch.distributed as dist
         if not torch.cuda.is_available():
-            cfg.env_cfg.dist_cfg['backend'] = 'gloo'
+            # CPU: mmengine's init_dist needs CUDA and its DDP wrapper rejects
+            # CPU modules, so start gloo here and use an inference-only wrapper
+            cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+            cfg.model_wrapper_cfg = dict(type='mmvq.InferenceOnlyWrapper')
+            if args.launcher != 'pytorch':
+                raise checks.UserInputError(f'--launcher {args.launcher} needs GPUs; on CPU use '
+                                            'tools/dist_ptq.sh (--launcher pytorch)')
+            if not dist.is_initialized():
+                dist.init_process_group('gloo')
     runner = Runner.from_cfg(cfg)
     if state is not None:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model

@@ -9,3 +9,6 @@ from .data import CalibrationSamples  # noqa: E402
 from .loop import PTQLoop, validate_qcfg  # noqa: E402
 
 __all__ += ['CalibrationSamples', 'PTQLoop', 'validate_qcfg']
+from .wrapper import InferenceOnlyWrapper  # noqa: E402
+
+__all__ += ['InferenceOnlyWrapper']

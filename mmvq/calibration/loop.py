@@ -11,7 +11,7 @@ import os.path as osp
 import time
 
 import torch
-from mmengine.dist import get_rank, is_main_process
+from mmengine.dist import get_rank, get_world_size, is_main_process
 from mmengine.model import is_model_wrapper
 from mmengine.runner.loops import BaseLoop
 
@@ -144,7 +144,8 @@ class PTQLoop(BaseLoop):
 
     def _calibrate(self, model):
         samples = self.calib_samples
-        bar = _progress(len(samples), 'calibrate')
+        rank, world = get_rank(), get_world_size()
+        bar = _progress(len(range(rank, len(samples), world)), 'calibrate')
 
         def forward(m, batch):
             return self.runner.model.test_step(batch)
