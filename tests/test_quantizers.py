@@ -158,6 +158,13 @@ def test_log_round_hand_values():
     v = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 1023, 1024], dtype=torch.int64)
     # f=floor(log2 v); +1 when v - 2^f >= 2^(f-1)
     assert log_round(v).tolist() == [0, 1, 2, 2, 2, 3, 3, 3, 3, 4, 10, 10]
+    # every integer up to 2^16 and around large thresholds, against integer bit arithmetic
+    vals = list(range(1, 1 << 16)) + [(3 << k) - d for k in range(16, 38) for d in (1, 0)]
+    ref = []
+    for x in vals:
+        f = x.bit_length() - 1
+        ref.append(f + (f > 0 and x - (1 << f) >= 1 << (f - 1)))
+    assert log_round(torch.tensor(vals, dtype=torch.int64)).tolist() == ref
 
 
 def test_lis_hand_values():

@@ -109,10 +109,13 @@ class AdaLogQuantizer(BaseQuantizer):
         """Codes (float tensor) and the zero mask of ``x`` (shift applied)."""
         return adalog_codes(x + self.shift, self.scale, self.q.float(), self.r, self.bits)
 
+    def lut(self):
+        """Dequantized value of every code: ``2^-T1[i] * T2[i] * s``."""
+        return torch.pow(2.0, -self.table1) * self.table2 * self.scale
+
     def dequantize(self, codes, zero):
-        idx = codes.long()
-        out = torch.pow(2.0, -self.table1[idx]) * self.table2[idx] * self.scale
-        return out.masked_fill(zero, 0.0)
+        # one gather from the 2^b-entry table (same products as per element)
+        return self.lut()[codes.long()].masked_fill(zero, 0.0)
 
     def fake_quant(self, x):
         codes, zero = self.quantize(x)

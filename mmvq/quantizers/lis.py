@@ -61,13 +61,16 @@ def int_exp(x_int, scale, n=30):
 
 
 def log_round(v):
-    """``floor(log2 v)`` rounded up when ``v - 2^f >= 2^(f-1)`` (v >= 1, int64)."""
-    f = torch.floor(torch.log2(v.double())).to(torch.int64)
-    # guard float log2 at exact powers of two
-    f = torch.where((1 << (f + 1)) <= v, f + 1, f)
-    f = torch.where((1 << f) > v, f - 1, f)
-    extra = (v - (1 << f)) >= torch.where(f > 0, 1 << (f - 1).clamp(min=0), torch.ones_like(f))
-    return f + (extra & (f > 0)).to(torch.int64)
+    """``floor(log2 v)``, plus one when ``v - 2^f >= 2^(f-1)``, for int64 ``v >= 1``.
+
+    Equivalently ``floor(log2(v / 1.5)) + 1``: the rounding threshold
+    ``1.5 * 2^f`` divided by 1.5 is an exact power of two, whose float64 log2
+    is exact, and every other integer below 2^40 is far enough from a
+    threshold for float64 — so one log2 per element, exactly.
+    """
+    if bool((v >= (1 << 40)).any()):
+        raise ValueError('log_round is exact for v < 2^40; clamp larger values first')
+    return torch.floor(torch.log2(v.double() / 1.5)).to(torch.int64) + 1
 
 
 def log_int_softmax(logits, scale, bits=4, n=30, mask=None):
@@ -94,7 +97,7 @@ def log_int_softmax(logits, scale, bits=4, n=30, mask=None):
     zero = exp_int == 0
     safe = torch.where(zero, torch.ones_like(exp_int), exp_int)
     recip = torch.div(2 * total + safe, 2 * safe, rounding_mode='floor')   # round(total / exp)
-    recip = torch.clamp(recip, min=1, max=1 << 40)
+    recip = torch.clamp(recip, min=1, max=(1 << 40) - 1)     # codes >= 2^b are zeroed anyway
     k = log_round(recip)
     zero = zero | (k >= 2 ** bits)
     return torch.clamp(k, 0, 2 ** bits - 1), zero
