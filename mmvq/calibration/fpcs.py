@@ -44,6 +44,15 @@ from .cache import attach_search_cache, detach_search_cache
 CHUNK_ELEMS = 1 << 25
 
 
+def progress_iter(items, desc):
+    """tqdm over ``items`` on rank 0 only (plain iteration elsewhere)."""
+    from mmengine.dist import is_main_process
+    if not is_main_process() or len(items) < 2:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+
+
 def _active(q):
     return isinstance(q, (UniformQuantizer, AdaLogQuantizer)) and q.enabled
 
@@ -157,7 +166,7 @@ class FPCS:
 
     def __call__(self, model, log):
         n = {'adalog_linear': 0, 'uniform_linear': 0, 'adalog_matmul': 0}
-        for name, m, kind in list(self._targets(model)):
+        for name, m, kind in progress_iter(list(self._targets(model)), 'FPCS'):
             cache = getattr(m, '_mmvq_cache', None)
             if cache is None or cache.empty:
                 continue

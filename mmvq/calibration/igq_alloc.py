@@ -35,6 +35,7 @@ from ..modules.matmul import QuantMatMul
 from ..quantizers.igq import IGQQuantizer
 from ..quantizers.uniform import UniformQuantizer
 from .cache import attach_search_cache, detach_search_cache
+from .fpcs import progress_iter
 
 
 def solve_mckp(costs, losses, budget, resolution=2000):
@@ -165,7 +166,7 @@ class IGQAllocation:
     def __call__(self, model, log):
         layers = []
         with torch.no_grad():
-            for name, m, q in list(self._targets(model)):
+            for name, m, q in progress_iter(list(self._targets(model)), 'IGQ allocation'):
                 cache = getattr(m, '_mmvq_cache', None)
                 if cache is None or cache.empty:
                     continue

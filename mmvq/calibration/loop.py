@@ -177,7 +177,9 @@ class PTQLoop(BaseLoop):
                                                    for s in self.searches})
         record['calibration']['wall_time'] = time.perf_counter() - t0
         summary = format_summary(model)
-        self.runner.logger.info('[mmvq] quantizers:\n' + summary.splitlines()[-1])
+        self.runner.logger.info('[mmvq] quantizers: ' + summary.splitlines()[-1])
+        if is_main_process():
+            atomic_write_text(summary + '\n', osp.join(self.runner.work_dir, 'quant_summary.txt'))
         if self.save_quantized and is_main_process():
             save_quantized(model, self.save_quantized, self.qcfg,
                            meta=dict(config=self._config_name(),
@@ -219,7 +221,6 @@ class PTQLoop(BaseLoop):
         atomic_write_text(json.dumps(results, indent=2, default=str) + '\n',
                           osp.join(work_dir, 'results.json'))
         atomic_write_text(self._markdown(results, summary), osp.join(work_dir, 'results.md'))
-        atomic_write_text(summary + '\n', osp.join(work_dir, 'quant_summary.txt'))
         self.runner.logger.info(f'[mmvq] results written to {work_dir}/results.json and results.md')
 
     @staticmethod
