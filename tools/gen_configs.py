@@ -65,6 +65,15 @@ quant = dict(
 """)
 
 
+def adalog_roles(b, *extra):
+    """Role lines shared by AdaLog and the mixed recipe (``extra`` after Q/K/V)."""
+    lines = [f'weight={W_ASYM.format(b=b)}', f'act={ACT.format(b=b)}',
+             *(f'{r}={HEAD.format(b=b)}' for r in 'qkv'), *extra,
+             f'patch_embed_input={ACT.format(b=8)}', f'attn_probs={ADALOG_SOFTMAX.format(b=b)}',
+             f'fc2_input={ADALOG_GELU.format(b=b)}']
+    return ',\n        '.join(lines)
+
+
 def adalog(b):
     return (f"AdaLog W{b}A{b} (ECCV'24): weights {b}-bit asymmetric per output channel; uniform\n"
             f'# {b}-bit activations; Q/K/V per head; AdaLog on post-softmax (scale 1) and on\n'
@@ -74,14 +83,7 @@ def adalog(b):
     name='AdaLog W{b}A{b} (FPCS)',
     scope='backbone',
     roles=dict(
-        weight={W_ASYM.format(b=b)},
-        act={ACT.format(b=b)},
-        q={HEAD.format(b=b)},
-        k={HEAD.format(b=b)},
-        v={HEAD.format(b=b)},
-        patch_embed_input={ACT.format(b=8)},
-        attn_probs={ADALOG_SOFTMAX.format(b=b)},
-        fc2_input={ADALOG_GELU.format(b=b)}),
+        {adalog_roles(b)}),
     searches=[dict(type='fpcs')],
     {{calib}},
 )
@@ -115,16 +117,8 @@ def mixed(b):
     name='Mixed W{b}A{b} (PTF + AdaLog + IGQ)',
     scope='backbone',
     roles=dict(
-        weight={W_ASYM.format(b=b)},
-        act={ACT.format(b=b)},
-        q={HEAD.format(b=b)},
-        k={HEAD.format(b=b)},
-        v={HEAD.format(b=b)},
-        ln_input=dict(type='mmvq.PTFQuantizer', bits=8),
-        linear_input=dict(type='mmvq.IGQQuantizer', bits={b}, num_groups=8),
-        patch_embed_input={ACT.format(b=8)},
-        attn_probs={ADALOG_SOFTMAX.format(b=b)},
-        fc2_input={ADALOG_GELU.format(b=b)}),
+        {adalog_roles(b, "ln_input=dict(type='mmvq.PTFQuantizer', bits=8)",
+                      f"linear_input=dict(type='mmvq.IGQQuantizer', bits={b}, num_groups=8)")}),
     searches=[dict(type='fpcs'), dict(type='igq_allocation', candidates=(4, 8, 12, 16), budget_groups=8)],
     {{calib}},
 )
