@@ -19,6 +19,7 @@ from ..api import convert, format_summary, iter_quantizers, quant_summary, valid
 from ..checkpoint import atomic_write_text, file_sha256, load_quantized, save_quantized
 from ..registry import LOOPS
 from ..utils import collect_env
+from ..utils.memory import PeakRSS
 from .data import CalibrationSamples
 from .driver import run_calibration
 from .fpcs import make_search
@@ -123,17 +124,23 @@ class PTQLoop(BaseLoop):
     def _evaluate(self, tag):
         self.runner.model.eval()
         self.runner.call_hook('before_test_epoch')
+        # one untimed forward first (lazy initialisation, allocator warm-up,
+        # cached fake-quantized weights), so FP and quantized timings compare
+        # steady state with steady state
+        self.runner.model.test_step(next(iter(self.dataloader)))
         bar = _progress(len(self.dataloader), f'eval {tag}')
-        t0 = time.perf_counter()
-        for idx, data_batch in enumerate(self.dataloader):
-            self.runner.call_hook('before_test_iter', batch_idx=idx, data_batch=data_batch)
-            outputs = self.runner.model.test_step(data_batch)
-            self.evaluator.process(data_samples=outputs, data_batch=data_batch)
-            self.runner.call_hook('after_test_iter', batch_idx=idx, data_batch=data_batch,
-                                  outputs=outputs)
-            if bar is not None:
-                bar.update(1)
-        elapsed = time.perf_counter() - t0
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            for idx, data_batch in enumerate(self.dataloader):
+                self.runner.call_hook('before_test_iter', batch_idx=idx, data_batch=data_batch)
+                outputs = self.runner.model.test_step(data_batch)
+                self.evaluator.process(data_samples=outputs, data_batch=data_batch)
+                self.runner.call_hook('after_test_iter', batch_idx=idx, data_batch=data_batch,
+                                      outputs=outputs)
+                if bar is not None:
+                    bar.update(1)
+            elapsed = time.perf_counter() - t0
+        self._memory[tag] = mem.as_dict()
         if bar is not None:
             bar.close()
         metrics = self.evaluator.evaluate(len(self.dataloader.dataset))
@@ -162,6 +169,7 @@ class PTQLoop(BaseLoop):
         self.runner.call_hook('before_test')
         model = self._model()
         record = dict(fp=None, quantized=None, eval_time={}, calibration={})
+        self._memory = {}
         if not self.skip_fp:
             record['fp'], record['eval_time']['fp'] = self._evaluate('FP')
         t0 = time.perf_counter()
@@ -216,6 +224,7 @@ class PTQLoop(BaseLoop):
             eval_time=dict(total=record['eval_time'],
                            per_image={k: v / max(1, n_eval) for k, v in record['eval_time'].items()}),
             calibration=record['calibration'],
+            memory={k.lower(): v for k, v in self._memory.items()},
             num_quantizers=len(list(iter_quantizers(model))),
             versions=dict(collect_env()), rank=get_rank())
         atomic_write_text(json.dumps(results, indent=2, default=str) + '\n',

@@ -10,6 +10,7 @@ are added as child modules (``fc.input_quantizer.scale`` ...).
 Each wrapper declares *slots* (``input``, ``weight`` ...) and the converter
 passes, for each slot, a quantizer config or ``None`` (identity).
 """
+import torch
 import torch.nn as nn
 
 from ..registry import QUANTIZERS
@@ -48,6 +49,26 @@ class QuantModuleMixin:
         for slot in self.slots:
             q = build_quantizer(slot_cfgs.get(slot))
             setattr(self, f'{slot}_quantizer', q if q is not None else nn.Identity())
+
+    def quantized_weight(self):
+        """``weight_quantizer(self.weight)``, cached for inference.
+
+        Weights and weight-quantizer parameters are constant between calls in
+        evaluation, so the fake-quantized weight is computed once and reused
+        until the weight or any quantizer buffer changes (storage, in-place
+        version, device/dtype), the quantizer's mode/enabled flag changes, or
+        autograd is on. The cache is a plain attribute, never in ``state_dict``.
+        """
+        wq, w = self.weight_quantizer, self.weight
+        if torch.is_grad_enabled() or isinstance(wq, nn.Identity) or wq.mode != 'quant':
+            return wq(w)
+        key = (w.data_ptr(), w._version, w.dtype, w.device, wq.mode, wq.enabled,
+               tuple((b.data_ptr(), b._version) for b in wq.buffers()))
+        cache = self.__dict__.get('_mmvq_wq_cache')
+        if cache is None or cache[0] != key:
+            cache = (key, wq(w))
+            self.__dict__['_mmvq_wq_cache'] = cache
+        return cache[1]
 
     def quantizers(self):
         """Yield ``(slot, quantizer)`` for every non-identity slot."""

@@ -18,7 +18,7 @@ class QuantLinear(QuantModuleMixin):
 
     def forward(self, x):
         x = self.input_quantizer(x)
-        w = self.weight_quantizer(self.weight)
+        w = self.quantized_weight()
         return self.output_quantizer(F.linear(x, w, self.bias))
 
 
@@ -30,5 +30,5 @@ class QuantConv2d(QuantModuleMixin):
 
     def forward(self, x):
         x = self.input_quantizer(x)
-        w = self.weight_quantizer(self.weight)
+        w = self.quantized_weight()
         return self.output_quantizer(self._conv_forward(x, w, self.bias))

@@ -112,17 +112,28 @@ class PTFQuantizer(BaseQuantizer):
                     alpha_hist=hist if bool(self.calibrated) else '-')
 
 
+def pow2(n):
+    """Exact ``2.0 ** n`` (float64) for an integer tensor ``n`` in [-1022, 1023].
+
+    Built from the IEEE-754 bits (biased exponent ``n + 1023``, zero mantissa):
+    ``torch.ldexp`` computes ``x * pow(2, n)`` with a float power per element,
+    several times slower on CPU; multiplying by an exact power of two is
+    exact, so ``x * pow2(n) == ldexp(x, n)`` bit for bit.
+    """
+    return torch.bitwise_left_shift(n.long() + 1023, 52).view(torch.float64)
+
+
 def dyadic(a, bits=8, max_shift=31):
     """Encode positive ``a`` as ``M / 2^N`` with a ``bits``-bit ``M`` (FQ-ViT get_MN).
 
     ``N = clamp(bits - 1 - floor(log2 a), 0, max_shift)``,
     ``M = clamp(floor(a 2^N), 0, 2^bits - 1)``; ``floor(log2 a)`` is taken
     exactly from the float exponent (``frexp``) rather than from a rounded
-    ``log2``, and ``2^N`` scaling is an exact ``ldexp``.
+    ``log2``, and ``2^N`` scaling is exact (multiplication by :func:`pow2`).
     """
     _, exp = torch.frexp(a)                    # a = mant * 2^exp, mant in [0.5, 1)
     n = torch.clamp(bits - exp, 0, max_shift)  # bits - 1 - (exp - 1)
-    m = torch.clamp(torch.floor(torch.ldexp(a, n)), 0, 2 ** bits - 1)
+    m = torch.clamp(torch.floor(a * pow2(n)), 0, 2 ** bits - 1)
     return m, n
 
 
@@ -149,7 +160,7 @@ def int_layer_norm(codes, zero_point, alpha, in_scale, weight, bias, out_scale,
         tuple[Tensor, Tensor]: integer output codes (int64) and their
         dequantized values ``(y_q - z_out) * s_out`` (float32).
     """
-    x = torch.ldexp(codes.double() - float(zero_point), alpha.to(torch.int32))
+    x = (codes.double() - float(zero_point)) * pow2(alpha)
     c = x.shape[-1]
     sum1 = x.sum(dim=-1, keepdim=True)
     sum2 = (x * x).sum(dim=-1, keepdim=True)
@@ -159,8 +170,8 @@ def int_layer_norm(codes, zero_point, alpha, in_scale, weight, bias, out_scale,
     a = (s / std) * (w / s_out)                                            # (..., C)
     m, n = dyadic(a.abs(), m_bits)
     mean = sum1 / c * s
-    b = torch.round(torch.ldexp((bias.double() - mean / std * w) / s_out, n))
-    y = torch.floor(torch.ldexp(torch.copysign(m, a) * x + b, -n) + 0.5)
+    b = torch.round((bias.double() - mean / std * w) / s_out * pow2(n))
+    y = torch.floor((torch.copysign(m, a) * x + b) * pow2(-n) + 0.5)
     zp = float(out_zero_point)
     y_q = torch.clamp(y + zp, out_qmin, out_qmax)
     return y_q.to(torch.int64), ((y_q - zp) * s_out).float()

@@ -1,0 +1,249 @@
+"""mmvq benchmark: every method on the two tiny trained models, one table.
+
+For each model (the tiny Swin Mask R-CNN on generated shapes, the tiny ViT on
+Fashion-MNIST) and each method, runs the real ``tools/ptq.py`` in its own
+process (FP evaluation, calibration on the train split, quantized evaluation,
+all in one run) and collects its ``results.json`` into
+``<work-dir>/benchmark.md`` and ``benchmark.json``: box/mask AP or top-1, delta
+to FP, calibration wall time, eval time per image as a ratio to FP *measured in
+the same process*, and peak RSS of the quantized evaluation as a ratio to the
+FP evaluation's. Rows that miss the project's targets say which::
+
+    python benchmarks/run.py                          # full table, < 30 min on 2 cores
+    python benchmarks/run.py --models det --methods uniform_w8a8 --max-eval-images 4
+    python benchmarks/run.py --profile adalog_w4a4 --models det   # where time goes
+
+Each method's config (model config + ``configs/_base_/quant/<method>.py``) is
+written to ``<work-dir>/configs/`` and its exact ``ptq.py`` command to the
+table's JSON, so every row can be re-run alone.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+import time
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+
+import fashion_mnist  # noqa: E402
+import shapes  # noqa: E402
+
+MODELS = dict(
+    det=dict(title='tiny Swin Mask R-CNN (shapes, 192x192)',
+             config='benchmarks/configs/tiny_swin_mask_rcnn.py',
+             checkpoint='benchmarks/checkpoints/tiny_swin_mask_rcnn.pth',
+             metrics=(('coco/bbox_mAP', 'box AP'), ('coco/segm_mAP', 'mask AP')), scale=100.0,
+             calib_images=4, data='data/shapes_det', make_data=shapes.ensure,
+             data_kwargs=shapes.DET_DEFAULT, data_root_keys=('train', 'val', 'test')),
+    cls=dict(title='tiny ViT (Fashion-MNIST, 28x28)',
+             config='benchmarks/configs/tiny_vit_cls.py',
+             checkpoint='benchmarks/checkpoints/tiny_vit_cls.pth',
+             metrics=(('accuracy/top1', 'top-1'), ), scale=1.0,
+             calib_images=32, data='data/fashion_mnist', make_data=fashion_mnist.ensure,
+             data_kwargs=fashion_mnist.DEFAULT, data_root_keys=('train', 'val', 'test')),
+)
+METHODS = ('uniform_w8a8', 'uniform_w6a6', 'uniform_w4a4', 'fqvit_w8a8_attn4', 'adalog_w3a3',
+           'adalog_w4a4', 'adalog_w6a6', 'igq_w4a4_g8', 'igq_w6a6_g8', 'mixed_w4a4')
+TARGETS = dict(eval_ratio=1.3, calib_s=120.0, w6_drop=1.0)
+
+
+def write_config(work_dir, model, method, spec, data_root):
+    """Model config + the method's quantization block (+ the data root)."""
+    path = osp.join(work_dir, 'configs', f'{model}_{method}.py')
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    lines = [f'# {spec["title"]} + {method}; written by benchmarks/run.py',
+             f'_base_ = [{osp.join(ROOT, spec["config"])!r}, '
+             f'{osp.join(ROOT, "configs", "_base_", "quant", method + ".py")!r}]']
+    if data_root != spec['data']:
+        root = data_root.rstrip('/') + '/'
+        for split in spec['data_root_keys']:
+            lines.append(f'{split}_dataloader = dict(dataset=dict(data_root={root!r}))')
+        if model == 'det':
+            lines.append(f"val_evaluator = dict(ann_file={root + 'annotations/instances_val.json'!r})")
+            lines.append('test_evaluator = val_evaluator')
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    return path
+
+
+def run_one(args, model, method, spec, data_root):
+    cfg = write_config(args.work_dir, model, method, spec, data_root)
+    wd = osp.join(args.work_dir, model, method)
+    cmd = [sys.executable, 'tools/ptq.py', cfg, spec['checkpoint'], '--work-dir', wd,
+           '--calib-images', str(args.calib_images or spec['calib_images'])]
+    if args.max_eval_images:
+        cmd += ['--max-eval-images', str(args.max_eval_images)]
+    prof = None
+    if args.profile:
+        prof = osp.join(wd, 'profile.pstats')
+        os.makedirs(wd, exist_ok=True)
+        cmd = cmd[:1] + ['-m', 'cProfile', '-o', prof] + cmd[1:]
+    os.makedirs(wd, exist_ok=True)
+    log = osp.join(wd, 'benchmark.log')
+    t0 = time.perf_counter()
+    with open(log, 'w') as f:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONPATH=ROOT)).returncode
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        with open(log) as f:
+            tail = f.read().strip().splitlines()[-1:] or ['?']
+        raise RuntimeError(f'{model}/{method}: tools/ptq.py exited {rc}: {tail[0]} (log: {log})')
+    with open(osp.join(wd, 'results.json')) as f:
+        res = json.load(f)
+    res['_command'] = ' '.join(osp.relpath(c, ROOT) if osp.isabs(c) and c.startswith(ROOT) else c
+                               for c in cmd[1:])
+    res['_wall'] = wall
+    if prof:
+        res['_profile'] = write_profile(prof, osp.join(wd, 'profile.txt'))
+    return res
+
+
+def write_profile(pstats_path, out_path, top=25):
+    """Top functions by own time, as text (cProfile of the whole ptq.py run)."""
+    import io
+    import pstats
+    buf = io.StringIO()
+    pstats.Stats(pstats_path, stream=buf).sort_stats('tottime').print_stats(top)
+    with open(out_path, 'w') as f:
+        f.write(buf.getvalue())
+    return out_path
+
+
+def row_of(model, method, spec, res):
+    fp, q = res['metrics']['fp'], res['metrics']['quantized']
+    pi = res['eval_time']['per_image']
+    mem = res.get('memory', {})
+    calib = res['calibration']
+    row = dict(model=model, method=method, name=res['method'],
+               fp={lab: fp[k] * spec['scale'] for k, lab in spec['metrics']},
+               quant={lab: q[k] * spec['scale'] for k, lab in spec['metrics']},
+               calib_s=calib['wall_time'], calib_images=calib.get('images'),
+               stage_times=calib.get('stage_times'),
+               eval_fp_s=pi['fp'], eval_q_s=pi['quantized'], eval_ratio=pi['quantized'] / pi['fp'],
+               mem_fp_mb=mem.get('fp', {}).get('peak_mb'),
+               mem_q_mb=mem.get('quantized', {}).get('peak_mb'),
+               eval_images=res['eval_images'], command=res['_command'], wall_s=res['_wall'])
+    row['delta'] = {k: row['quant'][k] - row['fp'][k] for k in row['fp']}
+    row['mem_ratio'] = (row['mem_q_mb'] / row['mem_fp_mb']
+                        if row['mem_fp_mb'] and row['mem_q_mb'] else None)
+    if res.get('_profile'):
+        row['profile'] = res['_profile']
+    return row
+
+
+def check_targets(rows):
+    """Annotate each row with the targets it misses."""
+    by = {(r['model'], r['method']): r for r in rows}
+    for r in rows:
+        miss = []
+        if r['eval_ratio'] > TARGETS['eval_ratio']:
+            miss.append(f'eval {r["eval_ratio"]:.2f}x > {TARGETS["eval_ratio"]}x')
+        if (r['model'] == 'det' and r['method'].startswith(('adalog', 'igq', 'mixed'))
+                and r['calib_s'] > TARGETS['calib_s']):
+            miss.append(f'calib {r["calib_s"]:.0f} s > {TARGETS["calib_s"]:.0f} s')
+        if '_w6a6' in r['method']:
+            worst = min(r['delta'].values())
+            if worst < -TARGETS['w6_drop']:
+                miss.append(f'W6A6 drop {-worst:.2f} > {TARGETS["w6_drop"]}')
+        base = by.get((r['model'], 'uniform_w4a4'))
+        if base is not None and r['method'] in ('adalog_w4a4', 'igq_w4a4_g8'):
+            first = next(iter(r['quant']))
+            if r['quant'][first] <= base['quant'][first]:
+                miss.append(f'W4A4 {first} not above uniform '
+                            f'({r["quant"][first]:.1f} <= {base["quant"][first]:.1f})')
+        r['missed'] = miss
+    return rows
+
+
+def markdown(rows, meta):
+    out = [f'# mmvq benchmark ({meta["date"]}, {meta["machine"]})', '']
+    for model, spec in MODELS.items():
+        mrows = [r for r in rows if r['model'] == model]
+        if not mrows:
+            continue
+        labs = [lab for _, lab in spec['metrics']]
+        out += [f'## {spec["title"]}', '',
+                f'{mrows[0]["eval_images"]} eval images, {mrows[0]["calib_images"]} calibration '
+                f'images (train split); FP eval {mrows[0]["eval_fp_s"] * 1e3:.1f} ms/image.', '',
+                '| method | ' + ' | '.join(labs) + ' | ' + ' | '.join(f'Δ {lab}' for lab in labs)
+                + ' | calib s | eval time vs FP | peak RSS vs FP | targets |',
+                '|---|' + '---:|' * (2 * len(labs) + 3) + '---|']
+        fp = mrows[0]['fp']
+        out.append('| FP32 | ' + ' | '.join(f'{fp[lab]:.1f}' for lab in labs) + ' | '
+                   + ' | '.join('-' for _ in labs) + ' | - | 1.00x | 1.00x | |')
+        for r in mrows:
+            mem = f'{r["mem_ratio"]:.2f}x' if r['mem_ratio'] else 'n/a'
+            out.append(f'| {r["name"]} | ' + ' | '.join(f'{r["quant"][lab]:.1f}' for lab in labs)
+                       + ' | ' + ' | '.join(f'{r["delta"][lab]:+.1f}' for lab in labs)
+                       + f' | {r["calib_s"]:.1f} | {r["eval_ratio"]:.2f}x | {mem} | '
+                       + ('✗ ' + '; '.join(r['missed']) if r['missed'] else '✓') + ' |')
+        out.append('')
+    out += ['Targets: quantized eval ≤ 1.3x FP per image; FPCS / IGQ-allocation calibration of the '
+            'tiny detector ≤ 120 s; W6A6 within 1 point of FP; at W4A4 AdaLog and IGQ above '
+            'uniform. Eval time and peak RSS ratios compare the quantized and FP evaluations '
+            'of the same process.', '']
+    return '\n'.join(out)
+
+
+def prepare_data(model, spec, small):
+    if small and model == 'det':
+        root = spec['data'] + '_small'
+        kwargs = dict(spec['data_kwargs'], n_train=small, n_val=max(small, 10))
+    elif small:
+        root = spec['data'] + '_small'
+        kwargs = dict(n_train=max(small, 64), n_val=max(small, 100))
+    else:
+        root, kwargs = spec['data'], spec['data_kwargs']
+    spec['make_data'](osp.join(ROOT, root), **kwargs)
+    return root
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--models', nargs='+', choices=sorted(MODELS), default=['det', 'cls'])
+    p.add_argument('--methods', nargs='+', choices=METHODS, default=list(METHODS))
+    p.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs', 'benchmark'))
+    p.add_argument('--max-eval-images', type=int, default=None,
+                   help='evaluate the first N held-out images (default: all)')
+    p.add_argument('--calib-images', type=int, default=None,
+                   help='calibration images (default: det 4, cls 32)')
+    p.add_argument('--small-data', type=int, default=0, metavar='N',
+                   help='generate/prepare only N train images (quick checks, CI)')
+    p.add_argument('--profile', action='store_true',
+                   help='run each ptq.py under cProfile; top functions in <run>/profile.txt')
+    args = p.parse_args(argv)
+    args.work_dir = osp.abspath(args.work_dir)
+    os.makedirs(args.work_dir, exist_ok=True)
+    rows = []
+    t0 = time.perf_counter()
+    for model in args.models:
+        spec = MODELS[model]
+        data_root = prepare_data(model, spec, args.small_data)
+        for method in args.methods:
+            print(f'[benchmark] {model} / {method} ...', flush=True)
+            res = run_one(args, model, method, spec, data_root)
+            rows.append(row_of(model, method, spec, res))
+            r = rows[-1]
+            print(f'[benchmark]   {r["quant"]} (FP {r["fp"]}), calib {r["calib_s"]:.1f} s, '
+                  f'eval {r["eval_ratio"]:.2f}x FP, {r["wall_s"]:.0f} s', flush=True)
+    check_targets(rows)
+    import platform
+    meta = dict(date=time.strftime('%Y-%m-%d'), total_s=round(time.perf_counter() - t0, 1),
+                machine=f'{platform.machine()}, {os.cpu_count()} CPU cores, CPU only',
+                command='python benchmarks/run.py ' + ' '.join(argv if argv is not None
+                                                               else sys.argv[1:]))
+    md = markdown(rows, meta) + f'Total wall time {meta["total_s"]:.0f} s; `{meta["command"]}`.\n'
+    from mmvq.checkpoint import atomic_write_text
+    atomic_write_text(md, osp.join(args.work_dir, 'benchmark.md'))
+    atomic_write_text(json.dumps(dict(meta=meta, targets=TARGETS, rows=rows), indent=2) + '\n',
+                      osp.join(args.work_dir, 'benchmark.json'))
+    print(md)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

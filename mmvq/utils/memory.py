@@ -1,0 +1,56 @@
+"""Peak resident memory of one phase of a run (FP eval vs quantized eval).
+
+On Linux the kernel's high-water mark (``VmHWM``) can be reset to the current
+RSS by writing ``5`` to ``/proc/self/clear_refs``, so the peak of a phase is
+exact and costs nothing while it runs (no sampling thread). Elsewhere the
+process-lifetime ``ru_maxrss`` is reported and marked ``cumulative``.
+"""
+import resource
+import sys
+
+_STATUS = '/proc/self/status'
+
+
+def _status_kb(key):
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith(key + ':'):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm():
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+class PeakRSS:
+    """Context manager measuring the peak RSS (MiB) reached inside it.
+
+    Attributes after exit: ``start_mb`` (RSS on entry), ``peak_mb`` (peak RSS
+    inside), ``exact`` (False when only the lifetime peak was available).
+    """
+
+    def __enter__(self):
+        self.exact = _reset_hwm() and _status_kb('VmHWM') is not None
+        self.start_mb = (_status_kb('VmRSS') or 0) / 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.exact:
+            self.peak_mb = _status_kb('VmHWM') / 1024
+        else:
+            unit = 2 ** 20 if sys.platform == 'darwin' else 2 ** 10    # bytes vs KiB
+            self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
+        return False
+
+    def as_dict(self):
+        return dict(start_mb=round(self.start_mb, 1), peak_mb=round(self.peak_mb, 1),
+                    exact=self.exact)

@@ -1,0 +1,55 @@
+"""The benchmark stays alive: one method, a few images, through tools/ptq.py.
+
+Also checks the committed tiny models: they load weights-only, carry their
+training command/seed/data command, and the trained detector really detects
+(FP box AP on held-out generated images far above chance).
+"""
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+CKPTS = {'det': 'benchmarks/checkpoints/tiny_swin_mask_rcnn.pth',
+         'cls': 'benchmarks/checkpoints/tiny_vit_cls.pth'}
+
+
+@pytest.mark.parametrize('model', sorted(CKPTS))
+def test_committed_checkpoint_is_small_safe_and_reproducible(model):
+    path = osp.join(ROOT, CKPTS[model])
+    assert osp.getsize(path) <= 20 * 2 ** 20
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    meta = ckpt['meta']
+    assert meta['command'].startswith('python benchmarks/train_tiny.py ' + model)
+    assert meta['data']['command'].startswith('python benchmarks/')
+    assert meta['seed'] == 0 and meta['epochs'] > 0
+    key = 'coco/bbox_mAP' if model == 'det' else 'accuracy/top1'
+    floor = 0.5 if model == 'det' else 80.0
+    assert meta['val_metrics'][key] >= floor
+    assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt['state_dict'].values())
+
+
+def test_benchmark_one_method_few_images(tmp_path):
+    wd = tmp_path / 'bench'
+    cmd = [sys.executable, osp.join(ROOT, 'benchmarks', 'run.py'), '--models', 'det',
+           '--methods', 'uniform_w8a8', '--small-data', '8', '--max-eval-images', '6',
+           '--calib-images', '1', '--work-dir', str(wd)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    table = json.loads((wd / 'benchmark.json').read_text())
+    (row, ) = table['rows']
+    assert row['model'] == 'det' and row['method'] == 'uniform_w8a8'
+    assert row['eval_images'] == 6 and row['calib_images'] == 1
+    # the trained detector detects on held-out generated images, and W8A8 keeps it
+    assert row['fp']['box AP'] > 40.0 and row['fp']['mask AP'] > 30.0
+    assert abs(row['delta']['box AP']) < 5.0
+    assert row['eval_ratio'] > 0 and row['mem_fp_mb'] > 100 and row['mem_q_mb'] > 100
+    assert row['command'].startswith('tools/ptq.py ')
+    md = (wd / 'benchmark.md').read_text()
+    assert '| Uniform' in md and '| FP32 |' in md and 'box AP' in md
+    # the row can be re-run alone from its written config
+    assert (wd / 'configs' / 'det_uniform_w8a8.py').is_file()
