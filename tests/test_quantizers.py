@@ -301,3 +301,64 @@ def test_igq_error_between_uniform_and_per_channel_and_rows():
     assert (rows(attn) - attn).pow(2).mean() < (calibrated(UniformQuantizer(bits=4), attn)(attn) - attn).pow(2).mean()
     with pytest.raises(ValueError, match='larger than the 32 channels'):
         calibrated(IGQQuantizer(bits=4, num_groups=33), x)
+
+
+# ------------------------------------------------------- fast paths == definitions
+def test_fake_quant_affine_equals_textbook_form_bit_for_bit():
+    from mmvq.quantizers.uniform import fake_quant_affine
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 33, generator=g) * 3
+    x[0, :4] = torch.tensor([1e30, -1e30, 0.5, 2.5])       # clamped ends and exact ties
+    for scale, zp, lo, hi in ((torch.tensor(0.1), torch.tensor(7.0), 0, 15),
+                              (torch.tensor(0.5), torch.tensor(0.0), -8, 7),
+                              (torch.rand(33, generator=g) + 0.05,
+                               torch.randint(0, 255, (33, ), generator=g).float(), 0, 255)):
+        ref = (torch.clamp(torch.round(x / scale) + zp, lo, hi) - zp) * scale
+        assert torch.equal(fake_quant_affine(x, scale, zp, lo, hi), ref)
+
+
+def test_pow2_equals_ldexp_exactly():
+    from mmvq.quantizers.ptf import pow2
+    n = torch.arange(-1022, 1024)
+    assert torch.equal(pow2(n), torch.ldexp(torch.ones(n.shape, dtype=torch.float64), n))
+    x = torch.randn(300, 7, dtype=torch.float64)
+    e = torch.randint(-40, 40, (300, 7))
+    assert torch.equal(x * pow2(e), torch.ldexp(x, e))
+
+
+@pytest.mark.parametrize('shift', [None, 0.16997124254703522])
+def test_adalog_fused_fake_quant_equals_quantize_dequantize(shift):
+    q = AdaLogQuantizer(bits=4, shift=shift)
+    q.set_params(q=45, scale=0.8)
+    q.set_mode('quant')
+    x = torch.rand(4, 3, 20, 20, generator=torch.Generator().manual_seed(1)) ** 4
+    if shift:
+        x = x - shift
+    x[0, 0, 0, :3] = torch.tensor([0.0, 1e-12, 2.0])         # zero code, tiny, clamped
+    codes, zero = q.quantize(x)
+    ref = q.dequantize(codes, zero) - (q.shift if shift else 0.0)
+    assert torch.equal(q.fake_quant(x), ref)
+    assert bool(zero.any())
+
+
+def test_cached_quantized_weight_tracks_weight_and_params():
+    import torch.nn as nn
+    from mmvq.modules.base import swap_class
+    from mmvq.modules.linear import QuantLinear
+    lin = swap_class(nn.Linear(8, 4), QuantLinear)
+    lin.quant_setup(dict(weight=dict(type='UniformQuantizer', bits=4, symmetric=True,
+                                     granularity='channel', ch_axis=0)))
+    calibrated(lin.weight_quantizer, lin.weight.detach())
+    wq = lin.weight_quantizer
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        first = lin(x)
+        assert torch.equal(first, lin(x))
+        assert torch.equal(lin.quantized_weight(), wq(lin.weight))
+        lin.weight.mul_(2)                                   # in-place weight change
+        assert torch.equal(lin.quantized_weight(), wq(lin.weight))
+        wq.scale.mul_(2)                                     # in-place parameter change
+        assert torch.equal(lin.quantized_weight(), wq(lin.weight))
+        wq.enabled = False
+        assert torch.equal(lin.quantized_weight(), lin.weight)
+    assert not any('cache' in k for k in lin.state_dict())

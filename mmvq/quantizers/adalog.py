@@ -118,8 +118,16 @@ class AdaLogQuantizer(BaseQuantizer):
         return self.lut()[codes.long()].masked_fill(zero, 0.0)
 
     def fake_quant(self, x):
-        codes, zero = self.quantize(x)
-        out = self.dequantize(codes, zero).to(x.dtype)
+        # quantize + dequantize fused, in place on one buffer: the same float
+        # operations as adalog_codes (so the same codes), then one gather from
+        # the table extended by an exact 0 at index 2^b, which is where every
+        # code >= 2^b (too small for the grid) lands after the clamp
+        levels = 2 ** self.bits
+        t = torch.div(x + self.shift, self.scale).clamp_(min=1e-15, max=1.0)
+        t = torch.log2(t, out=t).neg_().mul_(self.r).div_(self.q.float()).round_()
+        idx = t.clamp_(0, levels).long()
+        lut = torch.cat([self.lut(), self.lut().new_zeros(1)])
+        out = torch.take(lut, idx).to(x.dtype)
         if self.shifted and not bool(self.bias_folded):
             out = out - self.shift
         return out
