@@ -12,7 +12,6 @@ PNGs (lossless, 28x28 grayscale)::
 import argparse
 import glob
 import gzip
-import json
 import os
 import os.path as osp
 import shutil
@@ -20,6 +19,8 @@ import subprocess
 import tempfile
 
 import numpy as np
+
+from _data import ensure_stamped, partial_dir, publish
 
 CLASSES = ('tshirt_top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker',
            'bag', 'ankle_boot')
@@ -67,8 +68,7 @@ def read_idx(path):
 def make(out, n_train, n_val):
     from PIL import Image
     src = fetch()
-    tmp = out.rstrip('/') + '.partial'
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = partial_dir(out)
     for split, n in (('train', n_train), ('val', n_val)):
         images = read_idx(osp.join(src, FILES[split][0]))
         labels = read_idx(osp.join(src, FILES[split][1]))
@@ -80,23 +80,13 @@ def make(out, n_train, n_val):
             lab = int(labels[i])
             Image.fromarray(images[i]).save(
                 osp.join(tmp, split, f'{lab:02d}_{CLASSES[lab]}', f'{i:05d}.png'))
-    if osp.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish(tmp, out)
 
 
 def ensure(out, **kwargs):
     """Write the PNG dataset unless ``out`` already holds this exact one."""
-    stamp = osp.join(out, 'STAMP.json')
-    want = dict(task='fashion_mnist', version=1, **kwargs)
-    if osp.isfile(stamp):
-        with open(stamp) as f:
-            if json.load(f) == want:
-                return out
-    make(out, **kwargs)
-    with open(stamp, 'w') as f:
-        json.dump(want, f)
-    return out
+    return ensure_stamped(out, dict(task='fashion_mnist', version=1, **kwargs),
+                          lambda: make(out, **kwargs))
 
 
 def main(argv=None):

@@ -18,9 +18,10 @@ import argparse
 import json
 import os
 import os.path as osp
-import shutil
 
 import numpy as np
+
+from _data import ensure_stamped, partial_dir, publish
 
 SHAPES = ('disk', 'box', 'triangle', 'ring', 'cross')
 TEXTURES = ('solid', 'stripes', 'checker', 'noise')
@@ -111,24 +112,10 @@ def _save_png(path, img_rgb):
     Image.fromarray(img_rgb).save(path, optimize=False)
 
 
-def _tmp_dir(out):
-    tmp = out.rstrip('/') + '.partial'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
-def _publish(tmp, out):
-    """Swap the finished dataset into place (never a half-written dataset)."""
-    if osp.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 def make_det(out, n_train, n_val, size=(192, 192), seed=0, min_visible=0.4):
     """Write ``out/{train,val}/*.png`` and ``out/annotations/instances_{split}.json``."""
     from pycocotools import mask as mask_utils
-    tmp = _tmp_dir(out)
+    tmp = partial_dir(out)
     os.makedirs(osp.join(tmp, 'annotations'))
     h, w = size
     cats = [dict(id=i + 1, name=n, supercategory='shape') for i, n in enumerate(SHAPES)]
@@ -156,21 +143,13 @@ def make_det(out, n_train, n_val, size=(192, 192), seed=0, min_visible=0.4):
         with open(osp.join(tmp, 'annotations', f'instances_{split}.json'), 'w') as f:
             json.dump(dict(images=images, annotations=anns, categories=cats,
                            info=dict(description=f'mmvq shapes det, seed {seed}')), f)
-    _publish(tmp, out)
+    publish(tmp, out)
 
 
 def ensure(out, **kwargs):
     """Generate the dataset unless ``out`` already holds this exact one."""
-    stamp = osp.join(out, 'STAMP.json')
-    want = dict(task='det', version=1, **kwargs)
-    if osp.isfile(stamp):
-        with open(stamp) as f:
-            if json.load(f) == want:
-                return out
-    make_det(out, **kwargs)
-    with open(stamp, 'w') as f:
-        json.dump(want, f)
-    return out
+    return ensure_stamped(out, dict(task='det', version=1, **kwargs),
+                          lambda: make_det(out, **kwargs))
 
 
 DET_DEFAULT = dict(n_train=1500, n_val=200, seed=0)
