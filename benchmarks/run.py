@@ -11,7 +11,7 @@ FP evaluation's. Rows that miss the project's targets say which::
 
     python benchmarks/run.py                          # full table, < 30 min on 2 cores
     python benchmarks/run.py --models det --methods uniform_w8a8 --max-eval-images 4
-    python benchmarks/run.py --profile adalog_w4a4 --models det   # where time goes
+    python benchmarks/run.py --models det --methods fqvit_w8a8_attn4 --profile  # where time goes
 
 Each method's config (model config + ``configs/_base_/quant/<method>.py``) is
 written to ``<work-dir>/configs/`` and its exact ``ptq.py`` command to the
@@ -76,11 +76,8 @@ def run_one(args, model, method, spec, data_root):
            '--calib-images', str(args.calib_images or spec['calib_images'])]
     if args.max_eval_images:
         cmd += ['--max-eval-images', str(args.max_eval_images)]
-    prof = None
     if args.profile:
-        prof = osp.join(wd, 'profile.pstats')
-        os.makedirs(wd, exist_ok=True)
-        cmd = cmd[:1] + ['-m', 'cProfile', '-o', prof] + cmd[1:]
+        cmd.append('--profile')
     os.makedirs(wd, exist_ok=True)
     log = osp.join(wd, 'benchmark.log')
     t0 = time.perf_counter()
@@ -97,20 +94,9 @@ def run_one(args, model, method, spec, data_root):
     res['_command'] = ' '.join(osp.relpath(c, ROOT) if osp.isabs(c) and c.startswith(ROOT) else c
                                for c in cmd[1:])
     res['_wall'] = wall
-    if prof:
-        res['_profile'] = write_profile(prof, osp.join(wd, 'profile.txt'))
+    if args.profile:
+        res['_profile'] = osp.join(wd, 'profile_quantized.txt')
     return res
-
-
-def write_profile(pstats_path, out_path, top=25):
-    """Top functions by own time, as text (cProfile of the whole ptq.py run)."""
-    import io
-    import pstats
-    buf = io.StringIO()
-    pstats.Stats(pstats_path, stream=buf).sort_stats('tottime').print_stats(top)
-    with open(out_path, 'w') as f:
-        f.write(buf.getvalue())
-    return out_path
 
 
 def row_of(model, method, spec, res):
@@ -189,15 +175,18 @@ def markdown(rows, meta):
     return '\n'.join(out)
 
 
-def prepare_data(model, spec, small):
-    if small and model == 'det':
-        root = spec['data'] + '_small'
-        kwargs = dict(spec['data_kwargs'], n_train=small, n_val=max(small, 10))
-    elif small:
-        root = spec['data'] + '_small'
-        kwargs = dict(n_train=max(small, 64), n_val=max(small, 100))
+def prepare_data(model, spec, small, n_eval=None):
+    """The model's dataset; with ``small`` only ``small`` train images (and as
+    many held-out images as evaluated), in a folder of its own."""
+    if not small:
+        spec['make_data'](osp.join(ROOT, spec['data']), **spec['data_kwargs'])
+        return spec['data']
+    n_val = max(10, n_eval or 10)
+    if model == 'det':
+        kwargs = dict(spec['data_kwargs'], n_train=small, n_val=n_val)
     else:
-        root, kwargs = spec['data'], spec['data_kwargs']
+        kwargs = dict(n_train=max(small, 64), n_val=max(n_val, 100))
+    root = f'{spec["data"]}_small{small}_{kwargs["n_val"]}'
     spec['make_data'](osp.join(ROOT, root), **kwargs)
     return root
 
@@ -214,7 +203,8 @@ def main(argv=None):
     p.add_argument('--small-data', type=int, default=0, metavar='N',
                    help='generate/prepare only N train images (quick checks, CI)')
     p.add_argument('--profile', action='store_true',
-                   help='run each ptq.py under cProfile; top functions in <run>/profile.txt')
+                   help='ptq.py --profile: where eval time goes, <run>/profile_{fp,quantized}.txt '
+                        '(timings then include profiler overhead)')
     args = p.parse_args(argv)
     args.work_dir = osp.abspath(args.work_dir)
     os.makedirs(args.work_dir, exist_ok=True)
@@ -222,7 +212,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     for model in args.models:
         spec = MODELS[model]
-        data_root = prepare_data(model, spec, args.small_data)
+        data_root = prepare_data(model, spec, args.small_data, args.max_eval_images)
         for method in args.methods:
             print(f'[benchmark] {model} / {method} ...', flush=True)
             res = run_one(args, model, method, spec, data_root)

@@ -87,3 +87,25 @@ def test_peak_rss_measures_the_phase_only():
         del x
     assert mem.exact
     assert 150 < mem.peak_mb - mem.start_mb < 350
+
+
+def test_profile_report_labels_mmvq_modules(tmp_path):
+    import torch
+    import torch.nn as nn
+    from mmvq.modules.base import swap_class
+    from mmvq.modules.linear import QuantLinear
+    from mmvq.utils.profiling import profile_to
+    lin = swap_class(nn.Linear(16, 8), QuantLinear)
+    lin.quant_setup(dict(input=dict(type='UniformQuantizer', bits=8)))
+    q = lin.input_quantizer.set_mode('calib')
+    lin(torch.randn(4, 16))
+    q.calibrate()
+    q.set_mode('quant')
+    out = tmp_path / 'p.txt'
+    with torch.no_grad(), profile_to(lin, str(out), 'unit'):
+        for _ in range(3):
+            lin(torch.randn(4, 16))
+    text = out.read_text()
+    assert '| mmvq.QuantLinear | 3 |' in text and '| mmvq.quantizer[uniform] | 3 |' in text
+    assert 'aten::' in text
+    assert not lin._forward_hooks and not lin._forward_pre_hooks      # hooks removed

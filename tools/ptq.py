@@ -37,6 +37,8 @@ def parse_args(argv=None):
                         help='load a quantized checkpoint instead of calibrating')
     parser.add_argument('--max-eval-images', type=int, default=None,
                         help='evaluate only the first N images (essential on CPU)')
+    parser.add_argument('--profile', action='store_true',
+                        help='write profile_fp.txt / profile_quantized.txt (where eval time goes)')
     parser.add_argument('--trust-checkpoint', action='store_true',
                         help='allow a checkpoint holding pickled objects (only files you trust)')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks')
@@ -92,7 +94,8 @@ def build_runner(args):
     cfg.test_cfg = dict(type='mmvq.PTQLoop', quant=quant, checkpoint=args.checkpoint,
                         calib_images=args.calib_images, calib_split=args.calib_split, seed=args.seed,
                         skip_fp=args.skip_fp, save_quantized=args.save_quantized,
-                        load_quantized=args.load_quantized, max_eval_images=args.max_eval_images)
+                        load_quantized=args.load_quantized, max_eval_images=args.max_eval_images,
+                        profile=args.profile)
     if args.launcher != 'none':
         import torch
         import torch.distributed as dist

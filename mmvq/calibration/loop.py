@@ -5,6 +5,7 @@ Selected by ``test_cfg=dict(type='mmvq.PTQLoop', quant=..., ...)`` (what
 ``--cfg-options``, work dirs, logging and launchers exactly as in mmdet's
 ``tools/test.py``.
 """
+import contextlib
 import copy
 import json
 import os.path as osp
@@ -20,6 +21,7 @@ from ..checkpoint import atomic_write_text, file_sha256, load_quantized, save_qu
 from ..registry import LOOPS
 from ..utils import collect_env
 from ..utils.memory import PeakRSS
+from ..utils.profiling import profile_to
 from .data import CalibrationSamples
 from .driver import run_calibration
 from .fpcs import make_search
@@ -63,12 +65,15 @@ class PTQLoop(BaseLoop):
         save_quantized (str | None): write the quantized checkpoint here.
         load_quantized (str | None): skip calibration, load this checkpoint.
         max_eval_images (int | None): evaluate the first N images only.
+        profile (bool): profile both evaluations (torch.profiler, mmvq modules
+            labelled) into ``profile_fp.txt`` / ``profile_quantized.txt``;
+            their timings then include the profiler's overhead.
         checkpoint (str | None): float checkpoint path, for the report.
     """
 
     def __init__(self, runner, dataloader, evaluator, quant=None, calib_images=None,
                  calib_split=None, seed=None, skip_fp=False, save_quantized=None,
-                 load_quantized=None, max_eval_images=None, checkpoint=None):
+                 load_quantized=None, max_eval_images=None, checkpoint=None, profile=False):
         validate_qcfg(quant)
         self.qcfg = copy.deepcopy(dict(quant))
         calib = dict(self.qcfg.get('calib', {}))
@@ -76,6 +81,7 @@ class PTQLoop(BaseLoop):
         self.calib_split = calib_split or calib.get('split', 'train')
         self.seed = seed if seed is not None else calib.get('seed', 0)
         self.max_eval_images = max_eval_images
+        self.profile = profile
         if max_eval_images is not None:
             if max_eval_images < 1:
                 raise ValueError(f'--max-eval-images must be positive, got {max_eval_images}')
@@ -129,7 +135,12 @@ class PTQLoop(BaseLoop):
         # steady state with steady state
         self.runner.model.test_step(next(iter(self.dataloader)))
         bar = _progress(len(self.dataloader), f'eval {tag}')
-        with PeakRSS() as mem:
+        prof = contextlib.nullcontext()
+        if self.profile and is_main_process():
+            prof = profile_to(self._model(), osp.join(self.runner.work_dir,
+                                                      f'profile_{tag.lower()}.txt'),
+                              f'{tag} evaluation, {len(self.dataloader)} batches')
+        with PeakRSS() as mem, prof:
             t0 = time.perf_counter()
             for idx, data_batch in enumerate(self.dataloader):
                 self.runner.call_hook('before_test_iter', batch_idx=idx, data_batch=data_batch)
@@ -223,7 +234,7 @@ class PTQLoop(BaseLoop):
             eval_images=n_eval,
             eval_time=dict(total=record['eval_time'],
                            per_image={k: v / max(1, n_eval) for k, v in record['eval_time'].items()}),
-            calibration=record['calibration'],
+            calibration=record['calibration'], profiled=self.profile,
             memory={k.lower(): v for k, v in self._memory.items()},
             num_quantizers=len(list(iter_quantizers(model))),
             versions=dict(collect_env()), rank=get_rank())
