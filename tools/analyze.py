@@ -40,7 +40,7 @@ def parse_args(argv=None):
     # fields tools/ptq.py's runner builder reads
     args.launcher, args.local_rank, args.out = 'none', 0, None
     args.calib_split, args.skip_fp, args.save_quantized = None, True, None
-    args.load_quantized, args.max_eval_images = None, None
+    args.load_quantized, args.max_eval_images, args.profile = None, None, False
     return args
 
 
