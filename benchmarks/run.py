@@ -37,13 +37,13 @@ MODELS = dict(
              checkpoint='benchmarks/checkpoints/tiny_swin_mask_rcnn.pth',
              metrics=(('coco/bbox_mAP', 'box AP'), ('coco/segm_mAP', 'mask AP')), scale=100.0,
              calib_images=4, data='data/shapes_det', make_data=shapes.ensure,
-             data_kwargs=shapes.DET_DEFAULT, data_root_keys=('train', 'val', 'test')),
+             data_kwargs=shapes.DET_DEFAULT),
     cls=dict(title='tiny ViT (Fashion-MNIST, 28x28)',
              config='benchmarks/configs/tiny_vit_cls.py',
              checkpoint='benchmarks/checkpoints/tiny_vit_cls.pth',
              metrics=(('accuracy/top1', 'top-1'), ), scale=1.0,
              calib_images=32, data='data/fashion_mnist', make_data=fashion_mnist.ensure,
-             data_kwargs=fashion_mnist.DEFAULT, data_root_keys=('train', 'val', 'test')),
+             data_kwargs=fashion_mnist.DEFAULT),
 )
 METHODS = ('uniform_w8a8', 'uniform_w6a6', 'uniform_w4a4', 'fqvit_w8a8_attn4', 'adalog_w3a3',
            'adalog_w4a4', 'adalog_w6a6', 'igq_w4a4_g8', 'igq_w6a6_g8', 'mixed_w4a4')
@@ -59,7 +59,7 @@ def write_config(work_dir, model, method, spec, data_root):
              f'{osp.join(ROOT, "configs", "_base_", "quant", method + ".py")!r}]']
     if data_root != spec['data']:
         root = data_root.rstrip('/') + '/'
-        for split in spec['data_root_keys']:
+        for split in ('train', 'val', 'test'):
             lines.append(f'{split}_dataloader = dict(dataset=dict(data_root={root!r}))')
         if model == 'det':
             lines.append(f"val_evaluator = dict(ann_file={root + 'annotations/instances_val.json'!r})")

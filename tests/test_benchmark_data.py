@@ -109,3 +109,4 @@ def test_profile_report_labels_mmvq_modules(tmp_path):
     assert '| mmvq.QuantLinear | 3 |' in text and '| mmvq.quantizer[uniform] | 3 |' in text
     assert 'aten::' in text
     assert not lin._forward_hooks and not lin._forward_pre_hooks      # hooks removed
+    assert '_mmvq_rf' not in lin.__dict__

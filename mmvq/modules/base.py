@@ -56,13 +56,13 @@ class QuantModuleMixin:
         Weights and weight-quantizer parameters are constant between calls in
         evaluation, so the fake-quantized weight is computed once and reused
         until the weight or any quantizer buffer changes (storage, in-place
-        version, device/dtype), the quantizer's mode/enabled flag changes, or
-        autograd is on. The cache is a plain attribute, never in ``state_dict``.
+        version, device/dtype) or the quantizer's ``enabled`` flag changes; outside
+        ``quant`` mode or with autograd on nothing is cached. The cache is a plain attribute, never in ``state_dict``.
         """
         wq, w = self.weight_quantizer, self.weight
         if torch.is_grad_enabled() or isinstance(wq, nn.Identity) or wq.mode != 'quant':
             return wq(w)
-        key = (w.data_ptr(), w._version, w.dtype, w.device, wq.mode, wq.enabled,
+        key = (w.data_ptr(), w._version, w.dtype, w.device, wq.enabled,
                tuple((b.data_ptr(), b._version) for b in wq.buffers()))
         cache = self.__dict__.get('_mmvq_wq_cache')
         if cache is None or cache[0] != key:

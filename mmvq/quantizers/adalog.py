@@ -45,10 +45,15 @@ def adalog_tables(q, r, bits):
     return t1, t2
 
 
+def _unclamped_codes(x, scale, q, r):
+    """``round(-log2(clamp(x / s, 1e-15, 1)) * r / q)``, in place on one buffer."""
+    t = torch.div(x, scale).clamp_(min=1e-15, max=1.0)
+    return torch.log2(t, out=t).neg_().mul_(r).div_(q).round_()
+
+
 def adalog_codes(x, scale, q, r, bits):
     """Codes and the zero mask for base ``2^(q/r)`` (broadcasting)."""
-    scaled = torch.clamp(x / scale, min=1e-15, max=1.0)
-    codes = torch.round(-torch.log2(scaled) * r / q)
+    codes = _unclamped_codes(x, scale, q, r)
     zero = codes >= 2 ** bits
     return torch.clamp(codes, 0, 2 ** bits - 1), zero
 
@@ -118,16 +123,14 @@ class AdaLogQuantizer(BaseQuantizer):
         return self.lut()[codes.long()].masked_fill(zero, 0.0)
 
     def fake_quant(self, x):
-        # quantize + dequantize fused, in place on one buffer: the same float
-        # operations as adalog_codes (so the same codes), then one gather from
-        # the table extended by an exact 0 at index 2^b, which is where every
-        # code >= 2^b (too small for the grid) lands after the clamp
+        # quantize + dequantize fused: the codes of adalog_codes, then one
+        # gather from the table extended by an exact 0 at index 2^b, which is
+        # where every code >= 2^b (too small for the grid) lands after the clamp
         levels = 2 ** self.bits
-        t = torch.div(x + self.shift, self.scale).clamp_(min=1e-15, max=1.0)
-        t = torch.log2(t, out=t).neg_().mul_(self.r).div_(self.q.float()).round_()
-        idx = t.clamp_(0, levels).long()
-        lut = torch.cat([self.lut(), self.lut().new_zeros(1)])
-        out = torch.take(lut, idx).to(x.dtype)
+        idx = _unclamped_codes(x + self.shift, self.scale, self.q.float(),
+                               self.r).clamp_(0, levels).long()
+        lut = self.lut()
+        out = torch.take(torch.cat([lut, lut.new_zeros(1)]), idx).to(x.dtype)
         if self.shifted and not bool(self.bias_folded):
             out = out - self.shift
         return out

@@ -3,7 +3,7 @@
 On Linux the kernel's high-water mark (``VmHWM``) can be reset to the current
 RSS by writing ``5`` to ``/proc/self/clear_refs``, so the peak of a phase is
 exact and costs nothing while it runs (no sampling thread). Elsewhere the
-process-lifetime ``ru_maxrss`` is reported and marked ``cumulative``.
+process-lifetime ``ru_maxrss`` is reported, with ``exact=False``.
 """
 import resource
 import sys

@@ -37,6 +37,13 @@ def _attach_labels(model):
     return handles
 
 
+def _detach_labels(model, handles):
+    for h in handles:
+        h.remove()
+    for module in model.modules():
+        module.__dict__.pop('_mmvq_rf', None)
+
+
 def report(prof, title, row_limit=25):
     """Text report: mmvq labels by total time, then aten ops by self time."""
     events = prof.key_averages()
@@ -61,6 +68,5 @@ def profile_to(model, path, title):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             yield
     finally:
-        for h in handles:
-            h.remove()
+        _detach_labels(model, handles)
     atomic_write_text(report(prof, title), path)
