@@ -112,7 +112,6 @@ def row_of(model, method, spec, res):
                eval_fp_s=pi['fp'], eval_q_s=pi['quantized'], eval_ratio=pi['quantized'] / pi['fp'],
                mem_fp_mb=mem.get('fp', {}).get('peak_mb'),
                mem_q_mb=mem.get('quantized', {}).get('peak_mb'),
-               mem_method=mem.get('quantized', {}).get('method', 'hwm'),
                eval_images=res['eval_images'], command=res['_command'], wall_s=res['_wall'])
     row['delta'] = {k: row['quant'][k] - row['fp'][k] for k in row['fp']}
     row['mem_ratio'] = (row['mem_q_mb'] / row['mem_fp_mb']
@@ -164,8 +163,6 @@ def markdown(rows, meta):
                    + ' | '.join('-' for _ in labs) + ' | - | 1.00x | 1.00x | |')
         for r in mrows:
             mem = f'{r["mem_ratio"]:.2f}x' if r['mem_ratio'] else 'n/a'
-            if r['mem_ratio'] and r.get('mem_method') == 'sampled':
-                mem += ' (sampled)'      # see mmvq/utils/memory.py
             out.append(f'| {r["name"]} | ' + ' | '.join(f'{r["quant"][lab]:.1f}' for lab in labs)
                        + ' | ' + ' | '.join(f'{r["delta"][lab]:+.1f}' for lab in labs)
                        + f' | {r["calib_s"]:.1f} | {r["eval_ratio"]:.2f}x | {mem} | '
