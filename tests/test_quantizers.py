@@ -197,6 +197,38 @@ def test_lis_close_to_float_softmax_and_mask():
     assert (qm[..., 8:] == 0).all()
 
 
+def test_lis_float64_path_equals_int64_definition():
+    """The float64 fast path gives the int64 definition's codes bit for bit
+    (random, peaked, tied and masked rows, 2/4/8 bits), and falls back to it
+    where float64 would not be exact."""
+    from mmvq.quantizers.lis import _log_codes_float64, _log_codes_int64, lis_softmax
+    g = torch.Generator().manual_seed(0)
+    fast = 0
+    for trial in range(120):
+        s = float(10 ** (-2.5 + 2.5 * torch.rand(1, generator=g)))
+        n_tok = int(torch.randint(1, 200, (1, ), generator=g))
+        spread = float(10 ** (torch.rand(1, generator=g) * 3))
+        logits = torch.round(torch.randn(2, 3, n_tok, generator=g) * spread) * s
+        if trial % 3 == 1:             # few distinct values: exact ties, half-integer ratios
+            levels = torch.randint(-3, 1, (2, 3, n_tok), generator=g).float()
+            logits = torch.round(levels * float(torch.rand(1, generator=g)) * 5 / s) * s
+        mask = torch.where(torch.rand(3, n_tok, generator=g) < 0.3, -100.0, 0.0) if trial % 2 else None
+        for bits in (2, 4, 8):
+            ref_codes, ref_zero = _log_codes_int64(logits, s, bits, 30, mask)
+            codes, zero = log_int_softmax(logits, s, bits=bits, mask=mask)
+            assert torch.equal(codes, ref_codes) and torch.equal(zero, ref_zero)
+            assert torch.equal(lis_softmax(logits, s, bits, 30, mask),
+                               lis_dequantize(ref_codes, ref_zero, torch.float32))
+            fast += _log_codes_float64(logits, s, bits, 30, mask) is not None
+    assert fast > 250                  # the fast path is what ran, not the fallback
+    # outside float64's exact range: the int64 path answers
+    assert _log_codes_float64(torch.zeros(1, 4), 1e-7, 4, 30, None) is None
+    assert _log_codes_float64(torch.zeros(1, 4), 2.0, 4, 30, None) is None
+    assert _log_codes_float64(torch.zeros(1, 512), 0.01, 4, 30, None) is None   # row sum >= 2^53 / 5
+    codes, zero = log_int_softmax(torch.zeros(1, 512), 0.01, bits=4)
+    assert torch.equal(codes, _log_codes_int64(torch.zeros(1, 512), 0.01, 4, 30, None)[0])
+
+
 def test_lis_attn_v_by_shifts_equals_float_product():
     g = torch.Generator().manual_seed(0)
     logits = torch.round(torch.randn(2, 2, 7, 7, generator=g) * 30) * 0.05

@@ -39,7 +39,7 @@ class QuantLayerNorm(QuantModuleMixin):
             iq, oq = self.input_quantizer, self.output_quantizer
             _, y = int_layer_norm(iq.quantize(x), iq.zero_point, iq.alpha, iq.scale,
                                   self.weight, self.bias, oq.scale, oq.zero_point,
-                                  oq.qmin, oq.qmax)
+                                  oq.qmin, oq.qmax, return_codes=False)
             return y.to(x.dtype)
         x = self.input_quantizer(x)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)

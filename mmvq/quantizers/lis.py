@@ -73,6 +73,73 @@ def log_round(v):
     return torch.floor(torch.log2(v.double() / 1.5)).to(torch.int64) + 1
 
 
+def _log_codes_int64(logits, scale, bits, n, mask):
+    """LIS codes computed in int64 (the definition; works for every scale)."""
+    x_int = torch.round(logits.double() / scale).to(torch.int64)
+    if mask is not None:
+        x_int = x_int + torch.round(mask.double() / scale).to(torch.int64)
+    x_int = x_int - x_int.amax(dim=-1, keepdim=True)
+    exp_int = int_exp(x_int, scale, n)
+    total = exp_int.sum(dim=-1, keepdim=True)
+    zero = exp_int == 0
+    safe = torch.where(zero, torch.ones_like(exp_int), exp_int)
+    recip = torch.div(2 * total + safe, 2 * safe, rounding_mode='floor')   # round(total / exp)
+    recip = torch.clamp(recip, min=1, max=(1 << 40) - 1)     # codes >= 2^b are zeroed anyway
+    k = log_round(recip)
+    zero = zero | (k >= 2 ** bits)
+    return torch.clamp(k, 0, 2 ** bits - 1), zero
+
+
+def _log_codes_float64(logits, scale, bits, n, mask):
+    """The same codes in float64, or None where that would not be exact.
+
+    Every quantity below is an integer held exactly in float64, so the
+    results equal :func:`_log_codes_int64` bit for bit — ~3x faster on CPU,
+    where int64 division and ``log2`` are slow:
+
+    * ``q = floor(x / x0)``: for ``|x| <= n |x0|`` the correctly rounded
+      quotient is within ``30 * 2^-53`` of the exact one, closer than any
+      fraction ``1/|x0|``, so its floor is exact while ``|x0| < 2^20``.
+    * ``z = r (r + b') + c'`` stays below 2^45 then; ``z << (n - q)`` is a
+      multiplication by a power of two (exact at any size; where the int64
+      shift would overflow, the row sum check below sends the call back to
+      the int64 path).
+    * The row sums of non-negative integers are exact while they stay below
+      2^53; the check ``5 * total < 2^53`` (else None) also makes
+      ``floor((2 total + e) / (2 e))`` exact: numerator plus denominator
+      ``2 total + 3 e <= 5 total`` keeps the rounded quotient off the next
+      integer.
+    * ``log_round(v) = e2 - 1 + (m >= 3/4)`` with ``v = m 2^e2`` from
+      ``frexp`` (``floor(log2 v) = e2 - 1``, and ``v >= 1.5 * 2^f`` is
+      ``m >= 0.75``): no ``log2`` at all.
+
+    Returns:
+        Tensor | None: unclamped codes ``k`` (int32); ``k >= 2^bits`` is zero.
+    """
+    a, b, c = POLY
+    x0 = math.floor(-LN2 / scale)
+    c_int = math.floor(c / a / scale ** 2)
+    if c_int < 1 or -x0 >= 1 << 20:
+        return None
+    x = torch.round(logits.double() / scale)
+    if mask is not None:
+        x = x + torch.round(mask.double() / scale)
+    x = x - x.amax(dim=-1, keepdim=True)
+    x.clamp_(min=n * x0)
+    q = torch.div(x, x0).floor_()
+    z = torch.add(x, q, alpha=-x0)                        # r = x - q x0, in [0, |x0|)
+    z.add_(math.floor(b / a / scale)).mul_(torch.add(x, q, alpha=-x0)).add_(c_int)
+    e = z.mul_(((n + 1023 - q.long()) << 52).view(torch.float64))     # z * 2^(n - q)
+    total = e.sum(dim=-1, keepdim=True)
+    if not bool(total.max() * 5 < 2.0 ** 53):
+        return None
+    v = torch.add(e, total, alpha=2.0).div_(e).mul_(0.5).floor_()     # round(total / e)
+    if 2 ** bits > 40:
+        v.clamp_(max=(1 << 40) - 1)                      # as the int64 path
+    mant, k = torch.frexp(v)
+    return k.add_(mant >= 0.75).sub_(1)
+
+
 def log_int_softmax(logits, scale, bits=4, n=30, mask=None):
     """Integer softmax followed by log2 quantization.
 
@@ -88,19 +155,20 @@ def log_int_softmax(logits, scale, bits=4, n=30, mask=None):
         tuple[Tensor, Tensor]: codes ``k`` (int64, ``2^b - 1`` at most) and a
         bool tensor, ``True`` where the probability is an exact zero.
     """
-    x_int = torch.round(logits.double() / scale).to(torch.int64)
-    if mask is not None:
-        x_int = x_int + torch.round(mask.double() / scale).to(torch.int64)
-    x_int = x_int - x_int.amax(dim=-1, keepdim=True)
-    exp_int = int_exp(x_int, scale, n)
-    total = exp_int.sum(dim=-1, keepdim=True)
-    zero = exp_int == 0
-    safe = torch.where(zero, torch.ones_like(exp_int), exp_int)
-    recip = torch.div(2 * total + safe, 2 * safe, rounding_mode='floor')   # round(total / exp)
-    recip = torch.clamp(recip, min=1, max=(1 << 40) - 1)     # codes >= 2^b are zeroed anyway
-    k = log_round(recip)
-    zero = zero | (k >= 2 ** bits)
-    return torch.clamp(k, 0, 2 ** bits - 1), zero
+    k = _log_codes_float64(logits, scale, bits, n, mask)
+    if k is None:
+        return _log_codes_int64(logits, scale, bits, n, mask)
+    return torch.clamp(k, 0, 2 ** bits - 1).long(), k >= 2 ** bits
+
+
+def lis_softmax(logits, scale, bits=4, n=30, mask=None):
+    """``lis_dequantize(*log_int_softmax(...))`` in one gather: ``2^-k``, 0 for k >= 2^b."""
+    k = _log_codes_float64(logits, scale, bits, n, mask)
+    if k is None:
+        return lis_dequantize(*_log_codes_int64(logits, scale, bits, n, mask), logits.dtype)
+    table = torch.pow(2.0, -torch.arange(2 ** bits + 1, dtype=logits.dtype))
+    table[-1] = 0.0
+    return table[k.clamp_(0, 2 ** bits).long()]
 
 
 def lis_dequantize(codes, zero, dtype=torch.float32):
@@ -159,8 +227,7 @@ class LogIntSoftmax(BaseQuantizer):
         pass
 
     def softmax(self, logits, scale, mask=None):
-        codes, zero = log_int_softmax(logits, float(scale), self.bits, self.n, mask)
-        return lis_dequantize(codes, zero, logits.dtype)
+        return lis_softmax(logits, float(scale), self.bits, self.n, mask)
 
     def fake_quant(self, x):
         raise RuntimeError('LogIntSoftmax quantizes logits, call .softmax(logits, scale)')

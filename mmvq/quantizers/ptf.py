@@ -138,13 +138,15 @@ def dyadic(a, bits=8, max_shift=31):
 
 
 def int_layer_norm(codes, zero_point, alpha, in_scale, weight, bias, out_scale,
-                   out_zero_point, out_qmin, out_qmax, m_bits=8):
+                   out_zero_point, out_qmin, out_qmax, m_bits=8, return_codes=True):
     """Integer LayerNorm over the last axis on PTF codes.
 
     All quantities are integers held exactly in float64 (codes shifted by
     ``alpha`` stay below 2^11, the sums below 2^53), which runs much faster
     on CPU than int64 and gives the same results; rounding of ``v / 2^N`` is
-    half-up, ``floor(v / 2^N + 1/2)``.
+    half-up, ``floor(v / 2^N + 1/2)``. Element-wise work is done in place on
+    two buffers, and ``sign(A) M`` is ``trunc(A 2^N)`` (clamped to
+    ``±(2^m_bits - 1)``), which equals ``copysign(floor(|A| 2^N), A)``.
 
     Args:
         codes (Tensor): PTF integer codes ``x_q`` (any float/int dtype).
@@ -155,12 +157,13 @@ def int_layer_norm(codes, zero_point, alpha, in_scale, weight, bias, out_scale,
         out_scale, out_zero_point (Tensor): uniform output quantizer (scalars).
         out_qmin, out_qmax (int): output code range.
         m_bits (int): bits of the dyadic multiplier ``M``.
+        return_codes (bool): also return the int64 codes (else None).
 
     Returns:
-        tuple[Tensor, Tensor]: integer output codes (int64) and their
+        tuple[Tensor | None, Tensor]: integer output codes (int64) and their
         dequantized values ``(y_q - z_out) * s_out`` (float32).
     """
-    x = (codes.double() - float(zero_point)) * pow2(alpha)
+    x = codes.to(torch.float64, copy=True).sub_(float(zero_point)).mul_(pow2(alpha))
     c = x.shape[-1]
     sum1 = x.sum(dim=-1, keepdim=True)
     sum2 = (x * x).sum(dim=-1, keepdim=True)
@@ -168,10 +171,18 @@ def int_layer_norm(codes, zero_point, alpha, in_scale, weight, bias, out_scale,
     std = (s / c) * torch.sqrt(c * sum2 - sum1 * sum1).clamp(min=1e-12)    # float std of x_hat
     w = weight.double()
     a = (s / std) * (w / s_out)                                            # (..., C)
-    m, n = dyadic(a.abs(), m_bits)
+    # dyadic(|a|): n = clamp(m_bits - exp, 0, 31) from frexp (sign-free), kept
+    # as the biased float64 exponent so that 2^n and 2^-n are two bit casts
+    _, e = torch.frexp(a)
+    pe = (m_bits + 1023 - e.long()).clamp_(1023, 1023 + 31)               # n + 1023
+    p = (pe << 52).view(torch.float64)                                     # 2^n
+    m = a.mul_(p).trunc_().clamp_(-(2 ** m_bits - 1), 2 ** m_bits - 1)    # sign(a) M
     mean = sum1 / c * s
-    b = torch.round((bias.double() - mean / std * w) / s_out * pow2(n))
-    y = torch.floor((torch.copysign(m, a) * x + b) * pow2(-n) + 0.5)
+    b = (mean / std) * w
+    b = torch.sub(bias.double(), b).div_(s_out).mul_(p).round_()
+    p_inv = ((2046 - pe) << 52).view(torch.float64)                       # 2^-n
+    y = m.mul_(x).add_(b).mul_(p_inv).add_(0.5).floor_()
     zp = float(out_zero_point)
-    y_q = torch.clamp(y + zp, out_qmin, out_qmax)
-    return y_q.to(torch.int64), ((y_q - zp) * s_out).float()
+    y.clamp_(out_qmin - zp, out_qmax - zp)
+    y_q = y.add(zp).to(torch.int64) if return_codes else None
+    return y_q, y.mul_(s_out).float()
