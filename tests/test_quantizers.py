@@ -127,16 +127,25 @@ def test_integer_layernorm_bit_exact_and_close_to_float():
     c = 96
     x = torch.randn(8, 49, c, generator=g) * torch.exp(torch.randn(c, generator=g))
     w = 1 + 0.3 * torch.randn(c, generator=g)
+    w[[5, 17]] = 0.0                       # frexp(0) has exponent 0: the n = 8 branch
+    w[[6, 40]] *= -1
     b = 0.2 * torch.randn(c, generator=g)
     ptf = calibrated(PTFQuantizer(bits=8), x)
     ref = F.layer_norm(ptf(x), (c, ), w, b, eps=0.0)
     out_q = calibrated(UniformQuantizer(bits=8), ref)
+    # zero-weight channels output round(bias / s_out) at 2^-8 precision (N = 8):
+    # bias / s_out just below a half gives 3 + 1, at 2^-31 precision it would give 3
+    b[5] = (3.5 - 2 ** -10) * float(out_q.scale)
     codes = ptf.quantize(x)
     y_q, y = int_layer_norm(codes, ptf.zero_point, ptf.alpha, ptf.scale, w, b, out_q.scale,
                             out_q.zero_point, out_q.qmin, out_q.qmax)
     assert y_q.dtype == torch.int64
+    assert (y_q[..., 5] == int(out_q.zero_point) + 4).all()
     assert torch.equal(y_q, int_ln_float_definition(codes, ptf.zero_point, ptf.alpha, ptf.scale, w, b,
                                                      out_q.scale, out_q.zero_point, 0, 255))
+    assert torch.equal(int_layer_norm(codes, ptf.zero_point, ptf.alpha, ptf.scale, w, b, out_q.scale,
+                                      out_q.zero_point, out_q.qmin, out_q.qmax,
+                                      return_codes=False)[1], y)
     # against float LayerNorm of the dequantized input, output-quantized:
     # the 8-bit dyadic multiplier costs at most 2 output LSBs
     lsb = (y - out_q(ref)).abs() / out_q.scale

@@ -109,12 +109,14 @@ def _log_codes_float64(logits, scale, bits, n, mask):
       ``floor((2 total + e) / (2 e))`` exact: numerator plus denominator
       ``2 total + 3 e <= 5 total`` keeps the rounded quotient off the next
       integer.
-    * ``log_round(v) = e2 - 1 + (m >= 3/4)`` with ``v = m 2^e2`` from
-      ``frexp`` (``floor(log2 v) = e2 - 1``, and ``v >= 1.5 * 2^f`` is
-      ``m >= 0.75``): no ``log2`` at all.
+    * ``log_round(v) = floor(log2(v / 1.5)) + 1`` is the biased exponent of
+      ``v / 1.5`` (a positive normal float) minus 1022, read from its bits:
+      no ``log2`` or ``frexp``. The rounded ``v / 1.5`` has the exact
+      quotient's exponent, because an integer ``v < 1.5 * 2^j`` gives
+      ``v / 1.5 <= 2^j - 2/3``, far from ``2^j`` (see :func:`log_round`).
 
     Returns:
-        Tensor | None: unclamped codes ``k`` (int32); ``k >= 2^bits`` is zero.
+        Tensor | None: unclamped codes ``k`` (int64); ``k >= 2^bits`` is zero.
     """
     a, b, c = POLY
     x0 = math.floor(-LN2 / scale)
@@ -136,8 +138,8 @@ def _log_codes_float64(logits, scale, bits, n, mask):
     v = torch.add(e, total, alpha=2.0).div_(e).mul_(0.5).floor_()     # round(total / e)
     if 2 ** bits > 40:
         v.clamp_(max=(1 << 40) - 1)                      # as the int64 path
-    mant, k = torch.frexp(v)
-    return k.add_(mant >= 0.75).sub_(1)
+    # log_round(v) = floor(log2(v / 1.5)) + 1 = biased exponent of v / 1.5 - 1022
+    return torch.bitwise_right_shift(v.div_(1.5).view(torch.int64), 52).sub_(1022)
 
 
 def log_int_softmax(logits, scale, bits=4, n=30, mask=None):
@@ -168,7 +170,7 @@ def lis_softmax(logits, scale, bits=4, n=30, mask=None):
         return lis_dequantize(*_log_codes_int64(logits, scale, bits, n, mask), logits.dtype)
     table = torch.pow(2.0, -torch.arange(2 ** bits + 1, dtype=logits.dtype))
     table[-1] = 0.0
-    return table[k.clamp_(0, 2 ** bits).long()]
+    return table[k.clamp_(0, 2 ** bits)]
 
 
 def lis_dequantize(codes, zero, dtype=torch.float32):

@@ -171,10 +171,14 @@ def int_layer_norm(codes, zero_point, alpha, in_scale, weight, bias, out_scale,
     std = (s / c) * torch.sqrt(c * sum2 - sum1 * sum1).clamp(min=1e-12)    # float std of x_hat
     w = weight.double()
     a = (s / std) * (w / s_out)                                            # (..., C)
-    # dyadic(|a|): n = clamp(m_bits - exp, 0, 31) from frexp (sign-free), kept
-    # as the biased float64 exponent so that 2^n and 2^-n are two bit casts
-    _, e = torch.frexp(a)
-    pe = (m_bits + 1023 - e.long()).clamp_(1023, 1023 + 31)               # n + 1023
+    # dyadic(|a|): n = clamp(m_bits - exp, 0, 31) with exp = frexp(a)'s exponent,
+    # read from the IEEE bits (biased exponent - 1022; frexp itself is ~6x
+    # slower than an element-wise op), kept as n + 1023 so that 2^n and 2^-n
+    # are bit casts. frexp(0) has exponent 0: zero weights are patched.
+    pe = (torch.bitwise_right_shift(a.view(torch.int64), 52).bitwise_and_(0x7FF)
+          .neg_().add_(m_bits + 2045).clamp_(1023, 1023 + 31))             # n + 1023
+    if bool((weight == 0).any()):
+        pe.masked_fill_(a == 0, m_bits + 1023)
     p = (pe << 52).view(torch.float64)                                     # 2^n
     m = a.mul_(p).trunc_().clamp_(-(2 ** m_bits - 1), 2 ** m_bits - 1)    # sign(a) M
     mean = sum1 / c * s
