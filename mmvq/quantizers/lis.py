@@ -10,7 +10,10 @@ Follows FQ-ViT Sec. 3.3 (Eq. 9-13) and the reference ``QIntSoftmax``:
    ``q = floor(x_int / x0)``, ``r = x_int - q * x0``; second-order polynomial
    ``z = r (r + floor(b / (a s))) + floor(c / (a s^2))`` with
    ``(a, b, c) = (0.35815147, 0.96963238, 1)``; ``exp_int = z << (n - q)``.
-   All in int64, ``n = 30`` as the reference.
+   Defined in int64, ``n = 30`` as the reference; computed in float64
+   where that is exact (checked per call from the logit scale and the row
+   sums), bit for bit the same codes, and in int64 otherwise
+   (:func:`_log_codes_float64`).
 3. Log2 quantization without division: ``v = round(sum / exp_int)`` is the
    reciprocal probability; ``k = log_round(v)`` (floor(log2 v), +1 when
    ``v - 2^f >= 2^(f-1)``); codes ``k >= 2^b`` become exact zeros; otherwise
