@@ -108,6 +108,8 @@ def test_quant_block_errors(tmp_path, uniform_cfg, coco_mini):
 def test_calibration_size_errors(tmp_path, uniform_cfg, coco_mini):
     wd = ['--work-dir', str(tmp_path / 'wd')]
     assert_error([uniform_cfg, *wd, '--calib-images', '0', *data_opts(coco_mini)], 'at least 1')
+    assert_error([uniform_cfg, *wd, '--eval-repeats', '0', *data_opts(coco_mini)],
+                 '--eval-repeats must be at least 1, got 0')
     assert_error([uniform_cfg, *wd, '--calib-images', '11', *data_opts(coco_mini)],
                  'more than the 10 images of the train split', tmp_path)
 

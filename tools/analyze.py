@@ -41,6 +41,7 @@ def parse_args(argv=None):
     args.launcher, args.local_rank, args.out = 'none', 0, None
     args.calib_split, args.skip_fp, args.save_quantized = None, True, None
     args.load_quantized, args.max_eval_images, args.profile = None, None, False
+    args.eval_repeats = 1
     return args
 
 
