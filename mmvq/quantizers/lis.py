@@ -97,7 +97,7 @@ def _log_codes_float64(logits, scale, bits, n, mask):
     """The same codes in float64, or None where that would not be exact.
 
     Every quantity below is an integer held exactly in float64, so the
-    results equal :func:`_log_codes_int64` bit for bit — ~3x faster on CPU,
+    results equal :func:`_log_codes_int64` bit for bit — ~2x faster on CPU,
     where int64 division and ``log2`` are slow:
 
     * ``q = floor(x / x0)``: for ``|x| <= n |x0|`` the correctly rounded
