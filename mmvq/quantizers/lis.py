@@ -36,6 +36,7 @@ import torch
 
 from ..registry import QUANTIZERS
 from .base import BaseQuantizer, check_bits
+from .ptf import pow2_biased
 
 POLY = (0.35815147, 0.96963238, 1.0)
 LN2 = 0.6931
@@ -132,9 +133,9 @@ def _log_codes_float64(logits, scale, bits, n, mask):
     x = x - x.amax(dim=-1, keepdim=True)
     x.clamp_(min=n * x0)
     q = torch.div(x, x0).floor_()
-    z = torch.add(x, q, alpha=-x0)                        # r = x - q x0, in [0, |x0|)
-    z.add_(math.floor(b / a / scale)).mul_(torch.add(x, q, alpha=-x0)).add_(c_int)
-    e = z.mul_(((n + 1023 - q.long()) << 52).view(torch.float64))     # z * 2^(n - q)
+    r = torch.add(x, q, alpha=-x0)                        # x - q x0, in [0, |x0|)
+    z = r.add(math.floor(b / a / scale)).mul_(r).add_(c_int)
+    e = z.mul_(pow2_biased(n + 1023 - q.long()))          # z * 2^(n - q)
     total = e.sum(dim=-1, keepdim=True)
     if not bool(total.max() * 5 < 2.0 ** 53):
         return None

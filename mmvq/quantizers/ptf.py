@@ -112,15 +112,25 @@ class PTFQuantizer(BaseQuantizer):
                     alpha_hist=hist if bool(self.calibrated) else '-')
 
 
+def pow2_biased(e):
+    """Exact ``2.0 ** (e - 1023)`` (float64) for an int64 tensor ``e`` in [1, 2046].
+
+    The IEEE-754 double with biased exponent ``e`` and a zero mantissa: one
+    shift and a bit cast. Callers that already hold ``n + 1023`` (integer
+    LayerNorm, LIS) skip :func:`pow2`'s add.
+    """
+    return torch.bitwise_left_shift(e, 52).view(torch.float64)
+
+
 def pow2(n):
     """Exact ``2.0 ** n`` (float64) for an integer tensor ``n`` in [-1022, 1023].
 
-    Built from the IEEE-754 bits (biased exponent ``n + 1023``, zero mantissa):
+    Built from the IEEE-754 bits (:func:`pow2_biased` of ``n + 1023``):
     ``torch.ldexp`` computes ``x * pow(2, n)`` with a float power per element,
     several times slower on CPU; multiplying by an exact power of two is
     exact, so ``x * pow2(n) == ldexp(x, n)`` bit for bit.
     """
-    return torch.bitwise_left_shift(n.long() + 1023, 52).view(torch.float64)
+    return pow2_biased(n.long() + 1023)
 
 
 def dyadic(a, bits=8, max_shift=31):
@@ -130,6 +140,8 @@ def dyadic(a, bits=8, max_shift=31):
     ``M = clamp(floor(a 2^N), 0, 2^bits - 1)``; ``floor(log2 a)`` is taken
     exactly from the float exponent (``frexp``) rather than from a rounded
     ``log2``, and ``2^N`` scaling is exact (multiplication by :func:`pow2`).
+    This is the definition; :func:`int_layer_norm` computes the same ``M``,
+    ``N`` in place from the exponent bits (tested equal against it).
     """
     _, exp = torch.frexp(a)                    # a = mant * 2^exp, mant in [0.5, 1)
     n = torch.clamp(bits - exp, 0, max_shift)  # bits - 1 - (exp - 1)
@@ -179,12 +191,12 @@ def int_layer_norm(codes, zero_point, alpha, in_scale, weight, bias, out_scale,
           .neg_().add_(m_bits + 2045).clamp_(1023, 1023 + 31))             # n + 1023
     if bool((weight == 0).any()):
         pe.masked_fill_(a == 0, m_bits + 1023)
-    p = (pe << 52).view(torch.float64)                                     # 2^n
+    p = pow2_biased(pe)                                                    # 2^n
     m = a.mul_(p).trunc_().clamp_(-(2 ** m_bits - 1), 2 ** m_bits - 1)    # sign(a) M
     mean = sum1 / c * s
     b = (mean / std) * w
     b = torch.sub(bias.double(), b).div_(s_out).mul_(p).round_()
-    p_inv = ((2046 - pe) << 52).view(torch.float64)                       # 2^-n
+    p_inv = pow2_biased(2046 - pe)                                        # 2^-n
     y = m.mul_(x).add_(b).mul_(p_inv).add_(0.5).floor_()
     zp = float(out_zero_point)
     y.clamp_(out_qmin - zp, out_qmax - zp)
