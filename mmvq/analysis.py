@@ -96,7 +96,7 @@ def _levels(q):
         return [(k - z) * s for k in range(q.qmin, q.qmax + 1)]
     if isinstance(q, AdaLogQuantizer):
         t = (2.0 ** -q.table1 * q.table2 * q.scale).tolist()
-        return [v - float(q.shift) if q.shifted and not bool(q.bias_folded) else v for v in t]
+        return [v - float(q.shift) if q.shifted and not q.is_folded() else v for v in t]
     if isinstance(q, LogIntSoftmax):
         return [2.0 ** -k for k in range(2 ** q.bits)]
     return None
@@ -112,8 +112,9 @@ def capture(model, inputs, forward_fn, ln_names, softmax_names, gelu_names):
 
     def hook(name, arg):
         def fn(_m, args):
-            store.setdefault(name, []).append(args[arg].detach().float().reshape(-1, args[arg].shape[-1])
-                                              if name in ln_names else args[arg].detach().float().reshape(-1))
+            t = args[arg].detach().float().cpu()        # plots are drawn on the host
+            store.setdefault(name, []).append(t.reshape(-1, t.shape[-1]) if name in ln_names
+                                              else t.reshape(-1))
         return fn
 
     for name in ln_names + gelu_names:
@@ -139,7 +140,7 @@ def plot_ln_channel_ranges(acts, path, max_layers=4):
     fig, axes = plt.subplots(len(names), 1, figsize=(10, 2.6 * len(names)), squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         x = acts[name]
-        ch = torch.arange(x.shape[1])
+        ch = torch.arange(x.shape[1], device=x.device)
         ax.fill_between(ch.numpy(), x.amin(0).numpy(), x.amax(0).numpy(), step='mid', alpha=0.6)
         ax.set_title(f'{name}: per-channel range of the LayerNorm input', fontsize=9)
         ax.set_xlabel('channel')

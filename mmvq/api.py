@@ -171,7 +171,8 @@ def validate_plan(model, qcfg):
             if cfg is not None and key not in seen:
                 seen.add(key)
                 try:
-                    build_quantizer(cfg)
+                    with torch.device('meta'):         # arguments only: no memory
+                        build_quantizer(cfg)
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f'{site.name} ({slot}): {exc}') from None
     return len(planned)
@@ -209,9 +210,19 @@ def iter_quantizers(model):
 
 
 def set_quant_mode(model, mode):
-    """Put every quantizer of ``model`` in ``'float'``, ``'calib'`` or ``'quant'``."""
+    """Put every quantizer of ``model`` in ``'float'``, ``'calib'`` or ``'quant'``.
+
+    Entering ``'quant'`` also reads, once, the few host values the quantized
+    forward needs (calibrated flags, LIS logit scales, AdaLog folding, zero
+    LayerNorm weights), so that evaluation makes no device synchronisation.
+    """
     for _, q in iter_quantizers(model):
         q.set_mode(mode)
+    if mode == 'quant':
+        for module in model.modules():
+            prime = getattr(module, 'mmvq_prime', None)
+            if callable(prime):
+                prime()
     return model
 
 
@@ -242,7 +253,7 @@ def fold_adalog_shifts(model):
     for module in model.modules():
         q = getattr(module, 'input_quantizer', None)
         if (isinstance(module, nn.Linear) and isinstance(q, AdaLogQuantizer) and q.shifted
-                and q.enabled and bool(q.calibrated)):
+                and q.enabled and q.is_calibrated()):
             q.fold_shift_into(module)
 
 

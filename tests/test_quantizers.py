@@ -210,7 +210,7 @@ def test_lis_float64_path_equals_int64_definition():
     """The float64 fast path gives the int64 definition's codes bit for bit
     (random, peaked, tied and masked rows, 2/4/8 bits), and falls back to it
     where float64 would not be exact."""
-    from mmvq.quantizers.lis import _log_codes_float64, _log_codes_int64, lis_softmax
+    from mmvq.quantizers.lis import _log_codes_float64, _log_codes_int64, float64_exact, lis_softmax
     g = torch.Generator().manual_seed(0)
     fast = 0
     for trial in range(120):
@@ -228,12 +228,16 @@ def test_lis_float64_path_equals_int64_definition():
             assert torch.equal(codes, ref_codes) and torch.equal(zero, ref_zero)
             assert torch.equal(lis_softmax(logits, s, bits, 30, mask),
                                lis_dequantize(ref_codes, ref_zero, torch.float32))
-            fast += _log_codes_float64(logits, s, bits, 30, mask) is not None
-    assert fast > 250                  # the fast path is what ran, not the fallback
+            if float64_exact(s, 30, n_tok):
+                fast += 1
+                assert torch.equal(_log_codes_float64(logits, s, bits, 30, mask).clamp(0, 2 ** bits - 1),
+                                   ref_codes)
+    assert fast > 150                  # the fast path is what ran, not the fallback
     # outside float64's exact range: the int64 path answers
-    assert _log_codes_float64(torch.zeros(1, 4), 1e-7, 4, 30, None) is None
-    assert _log_codes_float64(torch.zeros(1, 4), 2.0, 4, 30, None) is None
-    assert _log_codes_float64(torch.zeros(1, 512), 0.01, 4, 30, None) is None   # row sum >= 2^53 / 5
+    assert not float64_exact(1e-7, 30, 4)
+    assert not float64_exact(2.0, 30, 4)
+    assert not float64_exact(0.01, 30, 512)        # row sum bound >= 2^53 / 5
+    assert float64_exact(0.05, 30, 197)
     codes, zero = log_int_softmax(torch.zeros(1, 512), 0.01, bits=4)
     assert torch.equal(codes, _log_codes_int64(torch.zeros(1, 512), 0.01, 4, 30, None)[0])
 

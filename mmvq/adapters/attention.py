@@ -1,7 +1,8 @@
 """Shared pieces of the attention wrappers (matmuls + softmax as modules)."""
+import torch
 import torch.nn as nn
 
-from ..modules.base import QuantModuleMixin, swap_class
+from ..modules.base import QuantModuleMixin, module_device, swap_class
 from ..modules.matmul import QuantMatMul
 from ..modules.softmax import QuantSoftmax
 
@@ -21,6 +22,10 @@ class QuantAttentionMixin(QuantModuleMixin):
         unknown = set(slot_cfgs) - set(self.slots)
         if unknown:
             raise KeyError(f'{type(self).__name__} has no quantizer slot(s) {sorted(unknown)}')
+        with torch.device(module_device(self)):
+            self._build_children(slot_cfgs)
+
+    def _build_children(self, slot_cfgs):
         self.matmul1 = QuantMatMul(dict(a=slot_cfgs.get('q'), b=slot_cfgs.get('k')))
         self.matmul2 = QuantMatMul(dict(a=slot_cfgs.get('probs'), b=slot_cfgs.get('v')))
         softmax = getattr(self, 'softmax', None)

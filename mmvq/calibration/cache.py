@@ -9,15 +9,26 @@ reduce in calibration-step order.
   call, scaled down by the number of calibration steps.
 * MatMul (attention): operand pairs ``(a, b)`` of shape ``(W, H, N, M)`` /
   ``(W, H, M, D)``; at most ``max_windows`` windows per call.
+
+A limit of ``None`` keeps everything (the papers' setting, used on
+accelerators). Records live where the observer policy puts them
+(:func:`mmvq.quantizers.observers.store_policy`, the host by default);
+:meth:`SearchCache.data` moves them to the device the search runs on.
 """
 import torch
 import torch.nn as nn
 
-from ..quantizers.observers import KeyedObserver, _Step
+from ..quantizers.observers import KeyedObserver, _Step, to_store
 
 
 def _stride(n, cap):
+    if cap is None:
+        return 1
     return max(1, -(-n // max(1, cap)))
+
+
+def _share(limit, parts):
+    return None if limit is None else max(1, limit // max(1, parts))
 
 
 class SearchCache(KeyedObserver):
@@ -25,9 +36,9 @@ class SearchCache(KeyedObserver):
 
     Args:
         kind (str): ``'linear'`` or ``'matmul'``.
-        max_tokens (int): tokens kept per Linear call (all steps together).
-        max_instances (int): instances kept per Linear call.
-        max_windows (int): attention windows/images kept per MatMul call.
+        max_tokens (int | None): tokens kept per Linear call (all steps together).
+        max_instances (int | None): instances kept per Linear call.
+        max_windows (int | None): attention windows/images kept per MatMul call.
     """
 
     def __init__(self, kind, max_tokens=2048, max_instances=16, max_windows=64):
@@ -44,21 +55,24 @@ class SearchCache(KeyedObserver):
             x3 = x.reshape(1, -1, x.shape[-1]) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
             ntok = x3.shape[0] * x3.shape[1]
             x3 = x3[::_stride(x3.shape[0], self.max_instances)]
-            x3 = x3[:, ::_stride(x3.shape[1], max(1, self.max_tokens // exp // x3.shape[0]))]
-            return x3.clone(), ntok
+            x3 = x3[:, ::_stride(x3.shape[1], _share(_share(self.max_tokens, exp), x3.shape[0]))]
+            return to_store(x3.clone()), ntok
         a, b = (t.detach().float() for t in inputs)
         a4 = a.reshape(-1, *a.shape[-3:]) if a.dim() >= 4 else a.reshape(-1, 1, *a.shape[-2:])
         b4 = b.reshape(-1, *b.shape[-3:]) if b.dim() >= 4 else b.reshape(-1, 1, *b.shape[-2:])
-        step = _stride(a4.shape[0], max(1, self.max_windows // exp))
-        return a4[::step].clone(), b4[::step].clone(), a4.shape[0]
+        step = _stride(a4.shape[0], _share(self.max_windows, exp))
+        return to_store(a4[::step].clone()), to_store(b4[::step].clone()), a4.shape[0]
 
-    def data(self):
+    def data(self, device=None):
         """Linear: list of ``(I, T, C)`` tensors (calls differ in T); MatMul:
-        concatenated ``(a, b)``."""
+        concatenated ``(a, b)``; on ``device`` (default: where stored)."""
         recs = self.ordered()
+
+        def move(t):
+            return t if device is None else t.to(device)
         if self.kind == 'linear':
-            return [r[0] for r in recs]
-        return torch.cat([r[0] for r in recs]), torch.cat([r[1] for r in recs])
+            return [move(r[0]) for r in recs]
+        return move(torch.cat([r[0] for r in recs])), move(torch.cat([r[1] for r in recs]))
 
     def units_per_step(self):
         """Average tokens (Linear) or windows (MatMul) per calibration step."""

@@ -45,8 +45,8 @@ class CalibrationSamples:
         if n > total:
             raise ValueError(f'--calib-images {n} is more than the {total} images of the '
                              f'{split} split: use at most {total}')
-        g = torch.Generator().manual_seed(seed)
-        self.indices = torch.randperm(total, generator=g)[:n].tolist()
+        g = torch.Generator(device='cpu').manual_seed(seed)
+        self.indices = torch.randperm(total, generator=g, device='cpu')[:n].tolist()
         self.split = split
         self.seed = seed
 

@@ -13,7 +13,16 @@ Flow (:func:`run_calibration`):
 3. observers -> initial parameters (:func:`mmvq.api.finish_calibration`
    without leaving calib state), then the configured searches (FPCS, IGQ
    group allocation) on the cached layer inputs, all deterministic;
-4. AdaLog shift folding and ``quant`` mode.
+4. AdaLog shift folding and ``quant`` mode; every observer record and search
+   cache is dropped and the freed memory handed back (``gc``, the CUDA
+   caching allocator, glibc's ``malloc_trim``), so the quantized evaluation
+   starts from the memory the float one had plus the quantizers.
+
+Observer records live where :func:`~mmvq.quantizers.observers.store_policy`
+puts them: the host by default (``calib=dict(store_device='cpu',
+store_mb=64)`` in the quantization block; ``store_device='same'`` keeps them
+on the model's device). Records are moved to the host before they are
+gathered across ranks, whatever the device.
 """
 import time
 
@@ -21,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 from ..api import fold_adalog_shifts, iter_quantizers, set_quant_mode
-from ..quantizers.observers import KeyedObserver, calibration_step
+from ..quantizers.observers import DEFAULT_STORE, KeyedObserver, calibration_step, store_policy
+from ..utils.memory import release_memory
 from .cache import iter_search_caches
 
 
@@ -33,6 +43,17 @@ def _world():
 
 def _observers(obj):
     return {k: v for k, v in vars(obj).items() if isinstance(v, KeyedObserver)}
+
+
+def _to_host(obj):
+    """``obj`` with every tensor moved to the CPU (for pickling across ranks)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
 
 
 def sync_observers(model):
@@ -47,7 +68,7 @@ def sync_observers(model):
     for name, cache in iter_search_caches(model):
         local[f'{name}:cache'] = cache.records
     gathered = [None] * world
-    dist.all_gather_object(gathered, local)
+    dist.all_gather_object(gathered, _to_host(local))
     merged = {}
     for key in local:
         merged[key] = [g[key] for r, g in enumerate(gathered) if r != rank]
@@ -82,7 +103,15 @@ def initialise_parameters(model):
                 raise type(exc)(f'{name}: {exc}') from exc
 
 
-def run_calibration(model, samples, forward_fn, searches=(), logger=None, progress=None):
+def store_settings(qcfg):
+    """Observer store policy from a quantization block's ``calib`` dict."""
+    calib = dict((qcfg or {}).get('calib', {}))
+    return dict(device=calib.get('store_device', DEFAULT_STORE['device']),
+                max_bytes=int(calib.get('store_mb', DEFAULT_STORE['max_bytes'] >> 20)) << 20)
+
+
+def run_calibration(model, samples, forward_fn, searches=(), logger=None, progress=None,
+                    store=None):
     """Calibrate ``model`` (converted) on ``samples``.
 
     Args:
@@ -93,6 +122,8 @@ def run_calibration(model, samples, forward_fn, searches=(), logger=None, progre
             the observers (FPCS, IGQ allocation ...), each timed.
         logger: object with ``.info`` (mmengine logger) or ``None``.
         progress (callable | None): called with each processed position.
+        store (dict | None): observer store policy ``dict(device, max_bytes)``
+            (default: the model's quantization block, else host and 64 MB).
 
     Returns:
         dict: wall time per stage in seconds.
@@ -102,8 +133,10 @@ def run_calibration(model, samples, forward_fn, searches=(), logger=None, progre
     for search in searches:
         if hasattr(search, 'attach'):
             search.attach(model)
+    store = store or store_settings(getattr(model, '_mmvq_qcfg', None))
     t0 = time.perf_counter()
-    observe(model, samples, forward_fn, progress)
+    with store_policy(**store):
+        observe(model, samples, forward_fn, progress)
     sync_observers(model)
     times['observe'] = time.perf_counter() - t0
     log(f'[mmvq] calibration forwards: {len(samples)} samples in {times["observe"]:.2f} s')
@@ -122,10 +155,12 @@ def run_calibration(model, samples, forward_fn, searches=(), logger=None, progre
 
 
 def finalize(model):
-    """Drop calibration data, switch to quant mode, fold AdaLog shifts."""
+    """Drop calibration data, switch to quant mode, fold AdaLog shifts, release memory."""
     for _, q in iter_quantizers(model):
         q.reset_observer()
     for _, cache in iter_search_caches(model):
         cache.clear()
     set_quant_mode(model, 'quant')
     fold_adalog_shifts(model)
+    set_quant_mode(model, 'quant')          # re-read the folded flags on the host
+    release_memory()

@@ -22,11 +22,14 @@ calibration). All candidates of a stage are evaluated as one batched tensor
   then 5 rounds that scale each survivor's bounds on a 3x3 grid of relative
   steps (start 5%, shrinking by 3.5), keeping 8 (1 at the end).
 
-CPU budget (deliberate difference): by default 512 cached tokens per Linear
-and 32 attention windows per MatMul (all calibration images together), rows
-thinned so one candidate costs about 2^24 MACs (at least 32 rows), and 8
-uniform survivors instead of the reference's 16. The reference searches
-  (scale, zero point) pairs; we search the equivalent (low, high) bounds.
+Budgets by device (:mod:`mmvq.calibration.budget`): on an accelerator the
+reference's — every calibration token and attention window, every row in
+each candidate's loss, 16 uniform survivors. On CPU (deliberate, recorded
+difference): 512 cached tokens per Linear and 32 attention windows per
+MatMul (all calibration images together), rows thinned so one candidate
+costs about 2^24 MACs (at least 32 rows), and 8 uniform survivors. The
+reference searches (scale, zero point) pairs; we search the equivalent
+(low, high) bounds.
 * Per-head V ranges use the same grid, scored per head.
 
 Weights keep their per-output-channel min-max parameters (the reference
@@ -35,10 +38,12 @@ also searches weight scales; not done here).
 import torch
 import torch.nn.functional as F
 
+from ..modules.base import module_device
 from ..modules.linear import QuantLinear
 from ..modules.matmul import QuantMatMul
 from ..quantizers.adalog import AdaLogQuantizer
 from ..quantizers.uniform import UniformQuantizer, affine_params, fake_quant_affine
+from .budget import model_device, resolve_budget
 from .cache import attach_search_cache, detach_search_cache
 
 CHUNK_ELEMS = 1 << 25
@@ -59,7 +64,7 @@ def _active(q):
 
 def _weight(module):
     wq = module.weight_quantizer
-    if isinstance(wq, UniformQuantizer) and wq.enabled and bool(wq.calibrated):
+    if isinstance(wq, UniformQuantizer) and wq.enabled and wq.is_calibrated():
         return wq.fake_quant(module.weight)
     return module.weight
 
@@ -68,7 +73,7 @@ def _quantile(x, qs, cap=1 << 20):
     flat = x.reshape(-1)
     if flat.numel() > cap:
         flat = flat[::-(-flat.numel() // cap)]
-    return torch.quantile(flat, qs)
+    return torch.quantile(flat, torch.as_tensor(qs, dtype=flat.dtype, device=flat.device))
 
 
 def _batched_losses(make, n, per_cand_elems, loss):
@@ -113,31 +118,47 @@ class FPCS:
         base_num (int): bases kept after ranking (8).
         scale_num (int): scales per base (16).
         width (int): survivors per round for AdaLog (32).
-        uniform_width (int): survivors for uniform inputs (16).
-        max_tokens (int): cached tokens per Linear.
-        max_windows (int): cached attention windows per MatMul.
+        uniform_width (int | None): survivors for uniform inputs (reference
+            16; CPU preset 8).
+        max_tokens (int | None): cached tokens per Linear (``None`` in the
+            accelerator preset: all; CPU preset 512).
+        max_windows (int | None): cached attention windows per MatMul
+            (accelerator: all; CPU: 32).
         search_uniform (bool): also search uniform per-tensor Linear inputs.
-        macs_per_candidate (int): row budget of one Linear candidate evaluation.
+        macs_per_candidate (int | None): row budget of one Linear candidate
+            evaluation (accelerator: every row; CPU: 2^24 MACs).
         min_rows (int): fewest rows kept per Linear.
+
+    Arguments left ``None`` take the preset of the model's device
+    (:data:`PRESETS`); the values used are in :attr:`budget`.
     """
 
     name = 'fpcs'
+    PRESETS = dict(cpu=dict(max_tokens=512, max_windows=32, uniform_width=8,
+                            macs_per_candidate=1 << 24),
+                   accelerator=dict(max_tokens=None, max_windows=None, uniform_width=16,
+                                    macs_per_candidate=None))
 
-    def __init__(self, steps=6, rounds=3, base_num=8, scale_num=16, width=32, uniform_width=8,
-                 max_tokens=512, max_windows=32, search_uniform=True, macs_per_candidate=1 << 24,
+    def __init__(self, steps=6, rounds=3, base_num=8, scale_num=16, width=32, uniform_width=None,
+                 max_tokens=None, max_windows=None, search_uniform=True, macs_per_candidate=None,
                  min_rows=32):
         self.steps = steps
         self.rounds = rounds
         self.base_num = base_num
         self.scale_num = scale_num
         self.width = width
-        self.uniform_width = uniform_width
-        self.max_tokens = max_tokens
-        self.max_windows = max_windows
+        self._explicit = dict(uniform_width=uniform_width, max_tokens=max_tokens,
+                              max_windows=max_windows, macs_per_candidate=macs_per_candidate)
         self.search_uniform = search_uniform
-        self.macs_per_candidate = macs_per_candidate
         self.min_rows = min_rows
         self.report = {}
+        self.set_device('cpu')
+
+    def set_device(self, device):
+        """Choose the budget preset for ``device`` (explicit arguments win)."""
+        self.budget = resolve_budget(self._explicit, self.PRESETS, torch.device(device))
+        for key in self.PRESETS['cpu']:
+            setattr(self, key, self.budget[key])
 
     # ------------------------------------------------------------ targets
     def _targets(self, model):
@@ -154,6 +175,7 @@ class FPCS:
                 yield name, m, 'adalog_matmul'
 
     def attach(self, model):
+        self.set_device(model_device(model))
         for _, m, kind in self._targets(model):
             if kind == 'adalog_matmul':
                 attach_search_cache(m, 'matmul', max_windows=self.max_windows)
@@ -170,11 +192,12 @@ class FPCS:
             cache = getattr(m, '_mmvq_cache', None)
             if cache is None or cache.empty:
                 continue
+            dev = module_device(m)
             with torch.no_grad():
                 if kind == 'adalog_matmul':
-                    self.report[name] = self._search_softmax(m, *cache.data())
+                    self.report[name] = self._search_softmax(m, *cache.data(dev))
                 else:
-                    x = self._rows(m, torch.cat([t.reshape(-1, t.shape[-1]) for t in cache.data()]))
+                    x = self._rows(m, torch.cat([t.reshape(-1, t.shape[-1]) for t in cache.data(dev)]))
                     if kind == 'adalog_linear':
                         self.report[name] = self._search_adalog_linear(m, x)
                     else:
@@ -187,6 +210,8 @@ class FPCS:
     # ------------------------------------------------------------ linear
     def _rows(self, m, x):
         """Evenly strided rows so one candidate costs about ``macs_per_candidate``."""
+        if self.macs_per_candidate is None:
+            return x
         cap = max(self.min_rows, self.macs_per_candidate // (m.in_features * m.out_features))
         return x[::max(1, -(-x.shape[0] // cap))]
 
@@ -207,19 +232,20 @@ class FPCS:
             return _batched_losses(lambda i, j: q.fake_quant_candidates(x, c[i:j, 0], c[i:j, 1]),
                                    len(c), elems, loss_fn)
 
-        qs = torch.arange(q.q_candidates[0], q.q_candidates[1] + 1, dtype=torch.float32)
+        dev = x.device
+        qs = torch.arange(q.q_candidates[0], q.q_candidates[1] + 1, dtype=torch.float32, device=dev)
         ranked = evaluate(torch.stack([qs, q.scale.expand_as(qs)], 1))
         bases = qs[ranked.topk(min(self.base_num, len(qs)), largest=False).indices]
         pos = (x + q.shift).clamp(min=0)
-        lo, hi = _quantile(pos, torch.tensor([0.9, 1.0]))
-        scales = torch.linspace(float(lo), float(hi), self.scale_num).clamp(min=1e-6)
+        lo, hi = _quantile(pos, [0.9, 1.0])
+        scales = torch.linspace(float(lo), float(hi), self.scale_num, device=dev).clamp(min=1e-6)
         init = torch.cartesian_prod(bases, scales)
         delta = [float(hi - lo) / self.scale_num]
         new_cnt = 4
 
         def expand(c, r):
             d = delta[0] / (new_cnt - 0.5) ** r
-            offs = (torch.linspace(0, 1, new_cnt) - 0.5) * d
+            offs = (torch.linspace(0, 1, new_cnt, device=dev) - 0.5) * d
             s = (c[:, 1:2] + offs).clamp(min=1e-6)
             return torch.stack([c[:, 0:1].expand_as(s), s], -1).reshape(-1, 2)
 
@@ -228,14 +254,14 @@ class FPCS:
         return dict(kind='adalog', q=int(best[0]), scale=float(best[1]))
 
     def _uniform_grid(self, x, n_lo=16, n_hi=8):
-        ps = torch.linspace(0.9, 1.0, max(n_lo, n_hi))
+        ps = torch.linspace(0.9, 1.0, max(n_lo, n_hi), device=x.device)
         his = _quantile(x, ps[-n_hi:])
         los = _quantile(x, 1 - ps[-n_lo:])
         return torch.cartesian_prod(los, his)
 
     def _expand_bounds(self, c, r):
         d = 0.05 / 3.5 ** r
-        f = torch.tensor([-d, 0.0, d])
+        f = torch.tensor([-d, 0.0, d], device=c.device)
         grid = torch.cartesian_prod(f, f)
         grid = grid[(grid != 0).any(1)]                                  # 8 new per survivor
         return (c[:, None, :] * (1 + grid[None])).reshape(-1, 2)
@@ -260,9 +286,10 @@ class FPCS:
         aq, bq = m.a_quantizer, m.b_quantizer
         ref = a @ b
         elems = ref.numel() + a.numel()
-        qs = torch.arange(aq.q_candidates[0], aq.q_candidates[1] + 1, dtype=torch.float32)
+        qs = torch.arange(aq.q_candidates[0], aq.q_candidates[1] + 1, dtype=torch.float32,
+                          device=a.device)
         for _ in range(self.rounds):
-            b_hat = bq.fake_quant(b) if _active(bq) and bool(bq.calibrated) else b
+            b_hat = bq.fake_quant(b) if _active(bq) and bq.is_calibrated() else b
 
             def make(i, j):
                 return aq.fake_quant_candidates(a, qs[i:j], aq.scale.expand(j - i))

@@ -24,16 +24,20 @@ under a BOP constraint". Its exact measure and solver are not public; ours:
   (minimise the summed sensitivity subject to the budget).
 
 The chosen counts and the achieved BOPs vs the budget are logged and kept in
-:attr:`IGQAllocation.report`.
+:attr:`IGQAllocation.report`. Cached inputs: every calibration token and
+window on an accelerator; on CPU (documented deviation) 1024 tokens per
+Linear and 32 windows per MatMul (:mod:`mmvq.calibration.budget`).
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..modules.base import module_device
 from ..modules.linear import QuantLinear
 from ..modules.matmul import QuantMatMul
 from ..quantizers.igq import IGQQuantizer
 from ..quantizers.uniform import UniformQuantizer
+from .budget import model_device, resolve_budget
 from .cache import attach_search_cache, detach_search_cache
 from .fpcs import progress_iter
 
@@ -85,22 +89,32 @@ class IGQAllocation:
         candidates (Sequence[int]): group counts to choose from.
         budget_groups (int): the average group count whose BOPs are the budget.
         acc_bits (int): accumulator bits in the group overhead term.
-        max_tokens (int): cached tokens per Linear.
-        max_windows (int): cached attention windows per MatMul.
+        max_tokens (int | None): cached tokens per Linear (accelerator
+            preset: all; CPU: 1024).
+        max_windows (int | None): cached attention windows per MatMul
+            (accelerator: all; CPU: 32).
         resolution (int): budget discretisation of the solver.
     """
 
     name = 'igq_allocation'
+    PRESETS = dict(cpu=dict(max_tokens=1024, max_windows=32),
+                   accelerator=dict(max_tokens=None, max_windows=None))
 
-    def __init__(self, candidates=(4, 8, 12, 16), budget_groups=8, acc_bits=32, max_tokens=1024,
-                 max_windows=32, resolution=2000):
+    def __init__(self, candidates=(4, 8, 12, 16), budget_groups=8, acc_bits=32, max_tokens=None,
+                 max_windows=None, resolution=2000):
         self.candidates = tuple(sorted(candidates))
         self.budget_groups = budget_groups
         self.acc_bits = acc_bits
-        self.max_tokens = max_tokens
-        self.max_windows = max_windows
+        self._explicit = dict(max_tokens=max_tokens, max_windows=max_windows)
         self.resolution = resolution
         self.report = {}
+        self.set_device('cpu')
+
+    def set_device(self, device):
+        """Choose the budget preset for ``device`` (explicit arguments win)."""
+        self.budget = resolve_budget(self._explicit, self.PRESETS, torch.device(device))
+        for key in self.PRESETS['cpu']:
+            setattr(self, key, self.budget[key])
 
     def _targets(self, model):
         for name, m in model.named_modules():
@@ -112,6 +126,7 @@ class IGQAllocation:
                 yield name, m, m.a_quantizer
 
     def attach(self, model):
+        self.set_device(model_device(model))
         for _, m, _ in self._targets(model):
             if isinstance(m, QuantMatMul):
                 attach_search_cache(m, 'matmul', max_windows=self.max_windows)
@@ -120,15 +135,17 @@ class IGQAllocation:
 
     @staticmethod
     def _refit(q, groups):
-        g = IGQQuantizer(bits=q.bits, num_groups=groups, unit=q.unit, max_units=q.max_units)
+        with torch.device(q.scale.device):
+            g = IGQQuantizer(bits=q.bits, num_groups=groups, unit=q.unit, max_units=q.max_units)
         g.store = q.store
         g.calibrate()
         return g
 
     def _layer_options(self, m, q, cache):
         opts = []
+        dev = module_device(m)
         if isinstance(m, QuantLinear):
-            xs = cache.data()
+            xs = cache.data(dev)
             wq = m.weight_quantizer
             w = wq.fake_quant(m.weight) if isinstance(wq, UniformQuantizer) and wq.enabled else m.weight
             refs = [F.linear(x, m.weight, m.bias) for x in xs]
@@ -142,7 +159,7 @@ class IGQAllocation:
                 return sum((F.linear(g.fake_quant(x), w, m.bias) - r).pow(2).sum()
                            for x, r in zip(xs, refs)) / energy
         else:
-            a, b = cache.data()
+            a, b = cache.data(dev)
             bq = m.b_quantizer
             b_hat = bq.fake_quant(b) if isinstance(bq, UniformQuantizer) and bq.enabled else b
             ref = a @ b

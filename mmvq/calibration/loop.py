@@ -19,9 +19,12 @@ from mmengine.runner.loops import BaseLoop
 from ..api import convert, format_summary, iter_quantizers, quant_summary, validate_plan
 from ..checkpoint import atomic_write_text, file_sha256, load_quantized, save_quantized
 from ..registry import LOOPS
+from ..quantizers.exact import integer_dtype
 from ..utils import collect_env
+from ..utils.env import device_report
 from ..utils.memory import PeakRSS
 from ..utils.profiling import profile_to
+from .budget import model_device
 from .data import CalibrationSamples
 from .driver import run_calibration
 from .fpcs import make_search
@@ -149,6 +152,11 @@ class PTQLoop(BaseLoop):
                                                       f'profile_{tag.lower()}.txt'),
                               f'{tag} evaluation, {len(self.dataloader)} batches')
         passes = []
+        cuda = model_device(self._model()).type == 'cuda'
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            cuda_start = torch.cuda.memory_allocated()
         with PeakRSS() as mem, prof:
             t0 = time.perf_counter()
             for idx, data_batch in enumerate(self.dataloader):
@@ -165,9 +173,14 @@ class PTQLoop(BaseLoop):
                 for data_batch in self.dataloader:
                     self.runner.model.test_step(data_batch)
                 passes.append(time.perf_counter() - t0)
+            if cuda:
+                torch.cuda.synchronize()
         elapsed = min(passes)
         self._passes[tag] = passes
         self._memory[tag] = mem.as_dict()
+        if cuda:
+            self._memory[tag].update(cuda_start_mb=round(cuda_start / 2**20, 1),
+                                     cuda_peak_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1))
         if bar is not None:
             bar.close()
         metrics = self.evaluator.evaluate(len(self.dataloader.dataset))
@@ -209,7 +222,9 @@ class PTQLoop(BaseLoop):
             record['calibration'] = dict(images=len(samples), split=samples.split, seed=samples.seed,
                                          image_ids=samples.image_ids(), stage_times=times,
                                          searches={s.name: getattr(s, 'report', {})
-                                                   for s in self.searches})
+                                                   for s in self.searches},
+                                         search_budgets={s.name: getattr(s, 'budget', None)
+                                                         for s in self.searches})
         record['calibration']['wall_time'] = time.perf_counter() - t0
         summary = format_summary(model)
         self.runner.logger.info('[mmvq] quantizers: ' + summary.splitlines()[-1])
@@ -253,6 +268,8 @@ class PTQLoop(BaseLoop):
                            repeats=self.eval_repeats,
                            passes={k.lower(): v for k, v in self._passes.items()}),
             calibration=record['calibration'], profiled=self.profile,
+            device=dict(device_report(model_device(model)),
+                        integer_dtype=str(integer_dtype(model_device(model))).replace('torch.', '')),
             memory={k.lower(): v for k, v in self._memory.items()},
             num_quantizers=len(list(iter_quantizers(model))),
             versions=dict(collect_env()), rank=get_rank())

@@ -41,14 +41,16 @@ class QuantModuleMixin:
     slots = ()
 
     def quant_setup(self, slot_cfgs, **kwargs):
-        """Create the quantizers of every slot (missing/None -> identity)."""
+        """Create the quantizers of every slot (missing/None -> identity), on
+        the device of the module's own parameters/buffers."""
         unknown = set(slot_cfgs) - set(self.slots)
         if unknown:
             raise KeyError(f'{type(self).__name__} has no quantizer slot(s) {sorted(unknown)}; '
                            f'slots: {list(self.slots)}')
-        for slot in self.slots:
-            q = build_quantizer(slot_cfgs.get(slot))
-            setattr(self, f'{slot}_quantizer', q if q is not None else nn.Identity())
+        with torch.device(module_device(self)):
+            for slot in self.slots:
+                q = build_quantizer(slot_cfgs.get(slot))
+                setattr(self, f'{slot}_quantizer', q if q is not None else nn.Identity())
 
     def quantized_weight(self):
         """``weight_quantizer(self.weight)``, cached for inference.
@@ -76,6 +78,17 @@ class QuantModuleMixin:
             q = getattr(self, f'{slot}_quantizer', None)
             if q is not None and not isinstance(q, nn.Identity):
                 yield slot, q
+
+
+def module_device(module):
+    """Device of a module's first parameter or buffer; a module holding
+    neither (a softmax, an attention matmul) gets the current default device,
+    which the converter sets to the device of the module that owns it."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.get_default_device()
 
 
 def swap_class(module, wrapper_cls):

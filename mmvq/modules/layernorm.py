@@ -1,7 +1,10 @@
 """Quantized LayerNorm: PTF (or uniform) input, optional integer LayerNorm."""
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..quantizers.base import host_value
+from ..quantizers.exact import chunk_elems
 from ..quantizers.ptf import PTFQuantizer, int_layer_norm
 from ..quantizers.uniform import UniformQuantizer
 from ..registry import QUANT_WRAPPERS
@@ -16,7 +19,9 @@ class QuantLayerNorm(QuantModuleMixin):
     With ``integer=True``, a PTF input and a per-tensor uniform output, the
     quantized forward runs FQ-ViT's integer LayerNorm
     (:func:`mmvq.quantizers.ptf.int_layer_norm`) on the PTF codes; otherwise
-    it is ``oq(F.layer_norm(iq(x)))``.
+    it is ``oq(F.layer_norm(iq(x)))``. The integer path runs on slices of
+    rows of about :func:`mmvq.quantizers.exact.chunk_elems` elements (rows
+    are independent: the same results, bounded float64 temporaries).
     """
 
     slots = ('input', 'output')
@@ -34,13 +39,29 @@ class QuantLayerNorm(QuantModuleMixin):
         return (self.integer and iq.enabled and oq.enabled and iq.mode == 'quant'
                 and oq.mode == 'quant' and oq.ch_axis is None)
 
+    def _has_zero_weight(self):
+        return host_value(self, 'zero_weight', self.weight, lambda w: bool((w == 0).any()))
+
+    def mmvq_prime(self):
+        """Host values of the integer path, read before evaluation (no sync per forward)."""
+        if self.integer:
+            self._has_zero_weight()
+
     def forward(self, x):
         if self._int_path_active():
             iq, oq = self.input_quantizer, self.output_quantizer
-            _, y = int_layer_norm(iq.quantize(x), iq.zero_point, iq.alpha, iq.scale,
-                                  self.weight, self.bias, oq.scale, oq.zero_point,
-                                  oq.qmin, oq.qmax, return_codes=False)
-            return y.to(x.dtype)
+            zero_w = self._has_zero_weight()
+            c = x.shape[-1]
+            rows = x.reshape(-1, c)
+            out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+            step = max(1, chunk_elems(x.device) // c)
+            for i in range(0, rows.shape[0], step):
+                _, y = int_layer_norm(iq.quantize(rows[i:i + step]), iq.zero_point, iq.alpha,
+                                      iq.scale, self.weight, self.bias, oq.scale, oq.zero_point,
+                                      oq.qmin, oq.qmax, return_codes=False,
+                                      has_zero_weight=zero_w)
+                out[i:i + step] = y
+            return out.reshape(x.shape)
         x = self.input_quantizer(x)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return self.output_quantizer(x)

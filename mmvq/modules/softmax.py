@@ -1,6 +1,7 @@
 """Quantized softmax: logits quantizer + float softmax or Log-Int-Softmax."""
 import torch.nn as nn
 
+from ..quantizers.base import host_value
 from ..quantizers.lis import LogIntSoftmax
 from ..registry import QUANT_WRAPPERS
 from .base import QuantModuleMixin
@@ -26,6 +27,11 @@ class QuantSoftmax(QuantModuleMixin):
         lis, iq = self.lis_quantizer, self.input_quantizer
         return (isinstance(lis, LogIntSoftmax) and lis.enabled and lis.mode == 'quant'
                 and getattr(iq, 'enabled', False) and iq.mode == 'quant')
+
+    def mmvq_prime(self):
+        """Read LIS's logit scale on the host before evaluation (not per forward)."""
+        if self.lis_active():
+            host_value(self.lis_quantizer, 'logit_scale', self.input_quantizer.scale, float)
 
     def forward(self, x, mask=None):
         if self.lis_active():

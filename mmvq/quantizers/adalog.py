@@ -29,7 +29,7 @@ refines these parameters; the quantizer only exposes
 import torch
 
 from ..registry import QUANTIZERS
-from .base import BaseQuantizer
+from .base import BaseQuantizer, host_value
 from .observers import SampleStore
 
 GELU_SHIFT = 0.16997124254703522
@@ -98,15 +98,16 @@ class AdaLogQuantizer(BaseQuantizer):
         self.store.update(x)
 
     def set_params(self, q=None, scale=None, shift=None):
+        dev = self.scale.device
         if q is not None:
-            self._set_buffer('q', torch.as_tensor(q, dtype=torch.long).reshape(1))
+            self._set_buffer('q', torch.as_tensor(q, dtype=torch.long, device=dev).reshape(1))
             t1, t2 = adalog_tables(self.q, self.r, self.bits)
             self._set_buffer('table1', t1.reshape(-1).float())
             self._set_buffer('table2', t2.reshape(-1).float())
         if scale is not None:
-            self._set_buffer('scale', torch.as_tensor(scale, dtype=torch.float32).reshape(1))
+            self._set_buffer('scale', torch.as_tensor(scale, dtype=torch.float32, device=dev).reshape(1))
         if shift is not None:
-            self._set_buffer('shift', torch.as_tensor(shift, dtype=torch.float32).reshape(1))
+            self._set_buffer('shift', torch.as_tensor(shift, dtype=torch.float32, device=dev).reshape(1))
         self.calibrated.fill_(True)
 
     # ---------------------------------------------------------- arithmetic
@@ -131,9 +132,17 @@ class AdaLogQuantizer(BaseQuantizer):
                                self.r).clamp_(0, levels).long()
         lut = self.lut()
         out = torch.take(torch.cat([lut, lut.new_zeros(1)]), idx).to(x.dtype)
-        if self.shifted and not bool(self.bias_folded):
+        if self.shifted and not self.is_folded():
             out = out - self.shift
         return out
+
+    def is_folded(self):
+        """Whether the shift was folded into the next bias (host copy, one sync per change)."""
+        return host_value(self, 'bias_folded', self.bias_folded, bool)
+
+    def prime(self):
+        super().prime()
+        self.is_folded()
 
     def fake_quant_candidates(self, x, q, scale):
         """Fake-quantize ``x`` for many (q, scale) at once (search helper).
@@ -161,18 +170,20 @@ class AdaLogQuantizer(BaseQuantizer):
         codes = torch.round(e * (self.r / q.float()).reshape(view)).clamp_(max=levels)
         t1, t2 = adalog_tables(q.reshape(-1), self.r, self.bits)
         lut = torch.cat([(2.0 ** -t1 * t2).float() * scale.float().reshape(-1, 1),
-                         torch.zeros(k, 1)], dim=1)                       # (K, levels + 1)
-        offset = (torch.arange(k) * (levels + 1)).reshape(view)
+                         x.new_zeros(k, 1, dtype=torch.float32)], dim=1)  # (K, levels + 1)
+        offset = (torch.arange(k, device=x.device) * (levels + 1)).reshape(view)
         out = torch.take(lut, codes.long() + offset)
-        if self.shifted and not bool(self.bias_folded):
+        if self.shifted and not self.is_folded():
             out = out - self.shift
         return out
 
     def candidate_grid(self, data, n_scales=8):
         """All (q, scale) pairs of the default search."""
-        qs = torch.arange(self.q_candidates[0], self.q_candidates[1] + 1, dtype=torch.float32)
+        dev = data.device
+        qs = torch.arange(self.q_candidates[0], self.q_candidates[1] + 1, dtype=torch.float32,
+                          device=dev)
         if self.fixed_scale is not None:
-            scales = torch.tensor([float(self.fixed_scale)])
+            scales = torch.tensor([float(self.fixed_scale)], device=dev)
         else:
             flat = (data + self.shift).reshape(-1)
             pos = flat[flat > 0]
@@ -180,14 +191,14 @@ class AdaLogQuantizer(BaseQuantizer):
                 pos = flat.abs() + 1e-8
             hi = pos.max()
             lo = torch.quantile(pos[:1 << 24].float(), 0.9) if pos.numel() > 1 else hi
-            scales = torch.linspace(float(lo), float(hi), n_scales)
+            scales = torch.linspace(float(lo), float(hi), n_scales, device=dev)
         qq, ss = torch.meshgrid(qs, scales, indexing='ij')
         return qq.reshape(-1), ss.reshape(-1)
 
     def calibrate(self):
         if self.store.empty:
             raise RuntimeError('AdaLogQuantizer: no calibration data was observed')
-        data = self.store.data().reshape(-1)
+        data = self.store.data(self.scale.device).reshape(-1)
         data = data[::max(1, data.numel() // (1 << 14))]          # 16k points suffice here
         qs, scales = self.candidate_grid(data)
         best_err, best = None, 0
@@ -212,7 +223,7 @@ class AdaLogQuantizer(BaseQuantizer):
         """
         if not self.shifted:
             raise ValueError('fold_shift_into needs the shifted (post-GELU) AdaLog variant')
-        if bool(self.bias_folded):
+        if self.is_folded():
             return
         weight = linear.weight
         wq = getattr(linear, 'weight_quantizer', None)

@@ -12,7 +12,20 @@ in one of three modes:
 * ``'quant'``: fake quantization, ``dequantize(quantize(x))``.
 
 ``enabled=False`` makes the quantizer the identity in every mode.
+
+**Devices.** Buffers are made where the quantizer is built (``mmvq.convert``
+builds every quantizer on the device of the module it wraps) and follow
+``model.to(device)``; every tensor a quantizer makes at run time is made on
+the device of the data or buffer it meets. **No host synchronisation in quant
+mode**: the few values the forward needs on the host (whether the quantizer
+is calibrated, AdaLog's folding flag, LIS's logit scale) are read once per
+change of the buffer holding them (:func:`host_value`) and primed when the
+quantizer enters ``quant`` mode, so a quantized forward never waits for the
+device. Checks that read data (NaN/Inf in calibration inputs) run in
+``calib`` mode only.
 """
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -25,6 +38,29 @@ def check_bits(bits, name='bits', low=2, high=8):
         raise ValueError(f'{name}={bits!r} is outside the supported range: use an '
                          f'integer from {low} to {high}')
     return bits
+
+
+def host_value(owner, key, tensor, fn):
+    """``fn(tensor)`` computed once per version of ``tensor`` and cached on ``owner``.
+
+    The cache entry is keyed by a weak reference to the tensor object and its
+    in-place version counter, so replacing the buffer (a new object) or
+    writing into it (``fill_``, ``copy_``, ``load_state_dict``) recomputes;
+    reading an unchanged buffer costs no device synchronisation.
+
+    Args:
+        owner (object): holder of the cache (a module; stored in ``__dict__``,
+            never in ``state_dict``).
+        key (str): name of the cached value.
+        tensor (Tensor): the tensor the value is derived from.
+        fn (callable): ``tensor -> host value`` (e.g. ``bool``, ``float``).
+    """
+    cache = owner.__dict__.setdefault('_mmvq_host', {})
+    hit = cache.get(key)
+    if hit is None or hit[0]() is not tensor or hit[1] != tensor._version:
+        hit = (weakref.ref(tensor), tensor._version, fn(tensor))
+        cache[key] = hit
+    return hit[2]
 
 
 class BaseQuantizer(nn.Module):
@@ -52,7 +88,24 @@ class BaseQuantizer(nn.Module):
         if mode not in MODES:
             raise ValueError(f'unknown quantizer mode {mode!r}; use one of {MODES}')
         self.mode = mode
+        if mode == 'quant':
+            self.prime()
         return self
+
+    def is_calibrated(self):
+        """Whether parameters were set (host copy, one sync per change)."""
+        return host_value(self, 'calibrated', self.calibrated, bool)
+
+    def mark_calibrated(self):
+        self.calibrated.fill_(True)
+
+    def prime(self):
+        """Read the host values the quantized forward needs (before evaluation).
+
+        Subclasses add theirs; called by :meth:`set_mode` ``('quant')`` so that
+        the first quantized forward is as sync-free as every later one.
+        """
+        self.is_calibrated()
 
     def forward(self, x):
         if not self.enabled or self.mode == 'float':
@@ -65,7 +118,7 @@ class BaseQuantizer(nn.Module):
                                  'checkpoint weights and the input normalisation (data_preprocessor)')
             self.observe(x_det)
             return x
-        if not bool(self.calibrated):
+        if not self.is_calibrated():
             raise RuntimeError(f'{type(self).__name__} is used in quant mode before '
                                'calibration: run mmvq.calibrate / PTQLoop first')
         return self.fake_quant(x)

@@ -81,9 +81,9 @@ def kmeans_ranges(points, groups, iters=25):
     n = points.shape[0]
     width = points[:, 1] - points[:, 0]
     order = torch.argsort(width)
-    pick = order[torch.linspace(0, n - 1, groups).round().long()]
+    pick = order[torch.linspace(0, n - 1, groups, device=points.device).round().long()]
     centres = points[pick].clone()
-    assign = torch.zeros(n, dtype=torch.long)
+    assign = torch.zeros(n, dtype=torch.long, device=points.device)
     for _ in range(iters):
         dist = torch.cdist(points, centres)
         new_assign = dist.argmin(dim=1)
@@ -140,11 +140,16 @@ class IGQQuantizer(BaseQuantizer):
     def calibrate(self):
         if self.store.empty:
             raise RuntimeError('IGQQuantizer: no calibration data was observed')
-        pts = self.store.data().t().contiguous()                      # (n, 2)
+        # k-means runs on the host whatever the model's device: the points are
+        # few (at most max_units), and CUDA's index_add_ sums in a
+        # nondeterministic order, which would let ranks disagree
+        dev = torch.device('cpu')
+        pts = self.store.data(dev).t().contiguous()                   # (n, 2)
         groups = min(self.num_groups, pts.shape[0])
         centres, assign = kmeans_ranges(pts, groups)
-        lo = torch.full((groups, ), float('inf')).scatter_reduce(0, assign, pts[:, 0], 'amin')
-        hi = torch.full((groups, ), float('-inf')).scatter_reduce(0, assign, pts[:, 1], 'amax')
+        lo = torch.full((groups, ), float('inf'), device=dev).scatter_reduce(0, assign, pts[:, 0], 'amin')
+        hi = torch.full((groups, ), float('-inf'), device=dev).scatter_reduce(0, assign, pts[:, 1],
+                                                                            'amax')
         empty = ~torch.isfinite(lo)
         lo[empty], hi[empty] = centres[empty, 0], centres[empty, 1]
         scale, zp = affine_params(lo, hi, self.bits, False)

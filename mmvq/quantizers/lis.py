@@ -36,6 +36,9 @@ import torch
 
 from ..registry import QUANTIZERS
 from .base import BaseQuantizer, check_bits
+from .base import host_value
+from .exact import chunk_elems as default_chunk
+from .exact import integer_dtype
 from .ptf import pow2_biased
 
 POLY = (0.35815147, 0.96963238, 1.0)
@@ -64,15 +67,16 @@ def int_exp(x_int, scale, n=30):
     return torch.clamp(z << (n - q), min=0)
 
 
-def log_round(v):
+def log_round(v, check=True):
     """``floor(log2 v)``, plus one when ``v - 2^f >= 2^(f-1)``, for int64 ``v >= 1``.
 
     Equivalently ``floor(log2(v / 1.5)) + 1``: the rounding threshold
     ``1.5 * 2^f`` divided by 1.5 is an exact power of two, whose float64 log2
     is exact, and every other integer below 2^40 is far enough from a
-    threshold for float64 — so one log2 per element, exactly.
+    threshold for float64 — so one log2 per element, exactly. ``check=False``
+    skips the range check (a device sync) for callers that clamped ``v``.
     """
-    if bool((v >= (1 << 40)).any()):
+    if check and bool((v >= (1 << 40)).any()):
         raise ValueError('log_round is exact for v < 2^40; clamp larger values first')
     return torch.floor(torch.log2(v.double() / 1.5)).to(torch.int64) + 1
 
@@ -89,13 +93,36 @@ def _log_codes_int64(logits, scale, bits, n, mask):
     safe = torch.where(zero, torch.ones_like(exp_int), exp_int)
     recip = torch.div(2 * total + safe, 2 * safe, rounding_mode='floor')   # round(total / exp)
     recip = torch.clamp(recip, min=1, max=(1 << 40) - 1)     # codes >= 2^b are zeroed anyway
-    k = log_round(recip)
+    k = log_round(recip, check=False)
     zero = zero | (k >= 2 ** bits)
     return torch.clamp(k, 0, 2 ** bits - 1), zero
 
 
+def float64_exact(scale, n, row_len):
+    """Whether :func:`_log_codes_float64` is exact for this logit scale and row length.
+
+    Decided on the host from the scale, ``n`` and the row length only (no
+    look at the data, so no device synchronisation): ``r = x - q x0`` lies in
+    ``(x0, 0]`` and ``z(r) = r (r + b') + c'`` is convex, so every
+    ``exp_int = z 2^(n - q) <= z_max 2^n`` with ``z_max`` the larger of
+    ``z(0) = c'`` and ``z(x0 + 1)``; a row of ``row_len`` of them sums to at
+    most ``row_len z_max 2^n``, and ``5`` times that below 2^53 is the
+    exactness condition below (also the int64 path's no-overflow condition
+    with room to spare).
+    """
+    a, b, c = POLY
+    x0 = math.floor(-LN2 / scale)
+    b_int = math.floor(b / a / scale)
+    c_int = math.floor(c / a / scale ** 2)
+    if c_int < 1 or -x0 >= 1 << 20:
+        return False
+    r = x0 + 1
+    z_max = max(c_int, r * (r + b_int) + c_int)
+    return 5 * row_len * z_max * 2 ** n < 2 ** 53
+
+
 def _log_codes_float64(logits, scale, bits, n, mask):
-    """The same codes in float64, or None where that would not be exact.
+    """The same codes in float64 (callers check :func:`float64_exact` first).
 
     Every quantity below is an integer held exactly in float64, so the
     results equal :func:`_log_codes_int64` bit for bit — ~2x faster on CPU,
@@ -109,7 +136,7 @@ def _log_codes_float64(logits, scale, bits, n, mask):
       shift would overflow, the row sum check below sends the call back to
       the int64 path).
     * The row sums of non-negative integers are exact while they stay below
-      2^53; the check ``5 * total < 2^53`` (else None) also makes
+      2^53; the bound ``5 * total < 2^53`` (:func:`float64_exact`) also makes
       ``floor((2 total + e) / (2 e))`` exact: numerator plus denominator
       ``2 total + 3 e <= 5 total`` keeps the rounded quotient off the next
       integer.
@@ -120,13 +147,11 @@ def _log_codes_float64(logits, scale, bits, n, mask):
       ``v / 1.5 <= 2^j - 2/3``, far from ``2^j`` (see :func:`log_round`).
 
     Returns:
-        Tensor | None: unclamped codes ``k`` (int64); ``k >= 2^bits`` is zero.
+        Tensor: unclamped codes ``k`` (int64); ``k >= 2^bits`` is zero.
     """
     a, b, c = POLY
     x0 = math.floor(-LN2 / scale)
     c_int = math.floor(c / a / scale ** 2)
-    if c_int < 1 or -x0 >= 1 << 20:
-        return None
     x = torch.round(logits.double() / scale)
     if mask is not None:
         x = x + torch.round(mask.double() / scale)
@@ -137,8 +162,6 @@ def _log_codes_float64(logits, scale, bits, n, mask):
     z = r.add(math.floor(b / a / scale)).mul_(r).add_(c_int)
     e = z.mul_(pow2_biased(n + 1023 - q.long()))          # z * 2^(n - q)
     total = e.sum(dim=-1, keepdim=True)
-    if not bool(total.max() * 5 < 2.0 ** 53):
-        return None
     v = torch.add(e, total, alpha=2.0).div_(e).mul_(0.5).floor_()     # round(total / e)
     if 2 ** bits > 40:
         v.clamp_(max=(1 << 40) - 1)                      # as the int64 path
@@ -146,7 +169,22 @@ def _log_codes_float64(logits, scale, bits, n, mask):
     return torch.bitwise_right_shift(v.div_(1.5).view(torch.int64), 52).sub_(1022)
 
 
-def log_int_softmax(logits, scale, bits=4, n=30, mask=None):
+def _chunks(logits, mask, chunk_elems):
+    """Slices of ``logits`` (and of ``mask`` where it is not broadcast) along
+    the first dimension longer than 1, each of about ``chunk_elems``."""
+    dim = next((d for d in range(logits.dim() - 1) if logits.shape[d] > 1), 0)
+    inner = math.prod(logits.shape[dim + 1:])
+    step = max(1, chunk_elems // max(1, inner))
+    size = logits.shape[dim]
+    for start in range(0, size, step):
+        length = min(step, size - start)
+        m = mask
+        if mask is not None and mask.dim() == logits.dim() and mask.shape[dim] == size and size > 1:
+            m = mask.narrow(dim, start, length)
+        yield dim, start, length, logits.narrow(dim, start, length), m
+
+
+def log_int_softmax(logits, scale, bits=4, n=30, mask=None, dtype=None):
     """Integer softmax followed by log2 quantization.
 
     Args:
@@ -156,25 +194,48 @@ def log_int_softmax(logits, scale, bits=4, n=30, mask=None):
         n (int): i-exp range limit.
         mask (Tensor | None): additive mask (0 / negative) broadcastable to
             ``logits``, added on the integer grid.
+        dtype (torch.dtype | None): ``torch.float64`` or ``torch.int64``
+            representation (:func:`mmvq.quantizers.exact.integer_dtype` of
+            the device when ``None``); float64 falls back to int64 where it
+            would not be exact. Both give the same codes.
 
     Returns:
         tuple[Tensor, Tensor]: codes ``k`` (int64, ``2^b - 1`` at most) and a
         bool tensor, ``True`` where the probability is an exact zero.
     """
-    k = _log_codes_float64(logits, scale, bits, n, mask)
-    if k is None:
-        return _log_codes_int64(logits, scale, bits, n, mask)
-    return torch.clamp(k, 0, 2 ** bits - 1).long(), k >= 2 ** bits
+    if _use_float64(logits, scale, n, dtype):
+        k = _log_codes_float64(logits, scale, bits, n, mask)
+        return torch.clamp(k, 0, 2 ** bits - 1).long(), k >= 2 ** bits
+    return _log_codes_int64(logits, scale, bits, n, mask)
 
 
-def lis_softmax(logits, scale, bits=4, n=30, mask=None):
-    """``lis_dequantize(*log_int_softmax(...))`` in one gather: ``2^-k``, 0 for k >= 2^b."""
-    k = _log_codes_float64(logits, scale, bits, n, mask)
-    if k is None:
-        return lis_dequantize(*_log_codes_int64(logits, scale, bits, n, mask), logits.dtype)
-    table = torch.pow(2.0, -torch.arange(2 ** bits + 1, dtype=logits.dtype))
+def _use_float64(logits, scale, n, dtype):
+    dtype = dtype or integer_dtype(logits.device)
+    return dtype == torch.float64 and float64_exact(scale, n, logits.shape[-1])
+
+
+def lis_softmax(logits, scale, bits=4, n=30, mask=None, dtype=None, chunk_elems=None):
+    """``lis_dequantize(*log_int_softmax(...))`` in one gather: ``2^-k``, 0 for k >= 2^b.
+
+    Rows are independent, so the work is done in slices of about
+    ``chunk_elems`` logits (default :func:`mmvq.quantizers.exact.chunk_elems`
+    of the device) written into one output: the float64/int64 temporaries
+    (about ten per element) stay bounded whatever the image size, with the
+    same results as one pass.
+    """
+    levels = 2 ** bits
+    table = torch.pow(2.0, -torch.arange(levels + 1, dtype=logits.dtype, device=logits.device))
     table[-1] = 0.0
-    return table[k.clamp_(0, 2 ** bits)]
+    use_f64 = _use_float64(logits, scale, n, dtype)
+    out = torch.empty_like(logits)
+    for dim, start, length, part, m in _chunks(logits, mask, chunk_elems or default_chunk(logits.device)):
+        if use_f64:
+            k = _log_codes_float64(part, scale, bits, n, m).clamp_(0, levels)
+            out.narrow(dim, start, length).copy_(table[k])
+        else:
+            codes, zero = _log_codes_int64(part, scale, bits, n, m)
+            out.narrow(dim, start, length).copy_(table[codes.masked_fill_(zero, levels)])
+    return out
 
 
 def lis_dequantize(codes, zero, dtype=torch.float32):
@@ -233,7 +294,10 @@ class LogIntSoftmax(BaseQuantizer):
         pass
 
     def softmax(self, logits, scale, mask=None):
-        return lis_softmax(logits, float(scale), self.bits, self.n, mask)
+        """LIS of ``logits`` whose quantizer has ``scale`` (a 1-element tensor;
+        read on the host once per change of that tensor, never per call)."""
+        return lis_softmax(logits, host_value(self, 'logit_scale', scale, float), self.bits,
+                           self.n, mask)
 
     def fake_quant(self, x):
         raise RuntimeError('LogIntSoftmax quantizes logits, call .softmax(logits, scale)')

@@ -13,6 +13,16 @@ calibration images over several processes and merging the records
 (:meth:`KeyedObserver.merge`) gives bit-identical results to one process
 seeing every image — the property the distributed PTQ loop relies on.
 Without a driver, keys are a per-observer call counter.
+
+**Where records live** (:func:`store_policy`). Records are moved to
+``store_device`` as they are made — the host (``'cpu'``) by default, so
+that calibrating a large detector on a GPU keeps only the model and one
+image's activations in GPU memory; ``'same'`` keeps them on the device of
+the data. Sample stores are bounded in bytes (``max_bytes`` per store, the
+column budget shrinks for wide tensors), and every record is dropped when
+calibration ends (:func:`mmvq.calibration.driver.finalize`). Whoever
+computes from records moves them to its own device first (a quantizer to
+its buffers' device), so parameters are computed where the model runs.
 """
 import contextlib
 
@@ -22,6 +32,36 @@ import torch
 class _Step:
     key = None          # current calibration step (int) or None
     expected = 1        # number of calibration steps, bounds stored samples
+    store_device = 'cpu'        # where records live: a device or 'same' (the data's)
+    max_bytes = 64 << 20        # per sample store
+
+
+DEFAULT_STORE = dict(device='cpu', max_bytes=64 << 20)
+
+
+@contextlib.contextmanager
+def store_policy(device='cpu', max_bytes=64 << 20):
+    """Where observer records live and how large one sample store may grow.
+
+    Args:
+        device (str | torch.device): ``'cpu'`` (default: host memory),
+            ``'same'`` (the device of the observed data) or any device.
+        max_bytes (int): bound of one :class:`SampleStore` (all records).
+    """
+    old = _Step.store_device, _Step.max_bytes
+    _Step.store_device, _Step.max_bytes = device, int(max_bytes)
+    try:
+        yield
+    finally:
+        _Step.store_device, _Step.max_bytes = old
+
+
+def to_store(t):
+    """Move a record tensor to the store device of the current policy."""
+    dev = _Step.store_device
+    if dev == 'same':
+        return t
+    return t.to(dev)
 
 
 @contextlib.contextmanager
@@ -99,7 +139,7 @@ class MinMaxObserver(KeyedObserver):
 
     def record(self, x):
         x2d = move_channel_first(x.float(), self.ch_axis)
-        return x2d.amin(dim=1), x2d.amax(dim=1)
+        return to_store(x2d.amin(dim=1)), to_store(x2d.amax(dim=1))
 
     def _reduce(self):
         recs = self.ordered()
@@ -145,7 +185,7 @@ class PercentileObserver(KeyedObserver):
         n = x2d.shape[1]
         k_hi = max(1, min(n, int(round(n * self.percentile / 100.0))))
         k_lo = max(1, min(n, n + 1 - k_hi))
-        return x2d.kthvalue(k_lo, dim=1).values, x2d.kthvalue(k_hi, dim=1).values
+        return to_store(x2d.kthvalue(k_lo, dim=1).values), to_store(x2d.kthvalue(k_hi, dim=1).values)
 
     @property
     def min(self):
@@ -161,8 +201,11 @@ class SampleStore(KeyedObserver):
 
     Searches (OMSE clipping, PTF factors, AdaLog bases) need data, not only
     extremes. Each record keeps an evenly strided subset of at most
-    ``max_columns / expected_steps`` columns; :meth:`data` concatenates the
-    records in key order and strides the result down to ``max_columns``.
+    ``columns / expected_steps`` columns, where ``columns`` is
+    ``max_columns`` or fewer so that the whole store stays within the
+    policy's ``max_bytes`` (float32, ``C`` rows); :meth:`data` concatenates
+    the records in key order and strides the result down to that budget.
+    Records live on the policy's store device (:func:`store_policy`).
 
     Args:
         ch_axis (int | None): channel axis, ``None`` per tensor.
@@ -173,17 +216,24 @@ class SampleStore(KeyedObserver):
         super().__init__()
         self.ch_axis = ch_axis
         self.max_columns = max_columns
+        self.budget = max_columns
+
+    def _columns(self, channels):
+        return max(1, min(self.max_columns, _Step.max_bytes // (4 * max(1, channels))))
 
     def record(self, x):
         x2d = move_channel_first(x.detach().float(), self.ch_axis)
-        cap = max(1, self.max_columns // _Step.expected)
+        self.budget = self._columns(x2d.shape[0])
+        cap = max(1, self.budget // _Step.expected)
         step = max(1, -(-x2d.shape[1] // cap))
-        return x2d[:, ::step].clone()
+        return to_store(x2d[:, ::step].clone())
 
-    def data(self):
-        """Return the stored ``(C, N)`` sample (``None`` if empty)."""
+    def data(self, device=None):
+        """Return the stored ``(C, N)`` sample (``None`` if empty), on ``device``
+        (default: where it is stored)."""
         if self.empty:
             return None
         data = torch.cat(self.ordered(), dim=1)
-        step = max(1, -(-data.shape[1] // self.max_columns))
-        return data[:, ::step]
+        step = max(1, -(-data.shape[1] // self.budget))
+        data = data[:, ::step]
+        return data if device is None else data.to(device)

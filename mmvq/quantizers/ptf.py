@@ -71,16 +71,17 @@ class PTFQuantizer(BaseQuantizer):
     def calibrate(self):
         if self.observer.empty:
             raise RuntimeError('PTFQuantizer: no calibration data was observed')
-        xmin = torch.clamp(self.observer.min.min(), max=0.0)
-        xmax = torch.clamp(self.observer.max.max(), min=0.0)
+        dev = self.scale.device
+        xmin = torch.clamp(self.observer.min.min().to(dev), max=0.0)
+        xmax = torch.clamp(self.observer.max.max().to(dev), min=0.0)
         scale_k = torch.clamp((xmax - xmin) / (self.qmax - self.qmin), min=1e-8)
         zp = torch.clamp(self.qmin - torch.round(xmin / scale_k), self.qmin, self.qmax)
         base = scale_k / 2 ** self.max_factor
-        data = self.store.data()                                      # (C, N)
+        data = self.store.data(dev)                                   # (C, N)
         c = data.shape[0]
         if c % self.tied_channels:
             raise ValueError(f'tied_channels={self.tied_channels} does not divide {c} channels')
-        factors = 2.0 ** torch.arange(self.max_factor + 1, dtype=torch.float32)
+        factors = 2.0 ** torch.arange(self.max_factor + 1, dtype=torch.float32, device=dev)
         scales = (base * factors)[:, None, None]                       # (K+1, 1, 1)
         err = (fake_quant_affine(data[None], scales, zp, self.qmin, self.qmax)
                - data[None]).pow(2).sum(dim=2)                         # (K+1, C)
@@ -109,7 +110,7 @@ class PTFQuantizer(BaseQuantizer):
         hist = torch.bincount(self.alpha.reshape(-1), minlength=self.max_factor + 1).tolist()
         return dict(kind=self.kind, bits=self.bits,
                     granularity=f'tensor+pow2(channel) K={self.max_factor}',
-                    alpha_hist=hist if bool(self.calibrated) else '-')
+                    alpha_hist=hist if self.is_calibrated() else '-')
 
 
 def pow2_biased(e):
@@ -150,7 +151,8 @@ def dyadic(a, bits=8, max_shift=31):
 
 
 def int_layer_norm(codes, zero_point, alpha, in_scale, weight, bias, out_scale,
-                   out_zero_point, out_qmin, out_qmax, m_bits=8, return_codes=True):
+                   out_zero_point, out_qmin, out_qmax, m_bits=8, return_codes=True,
+                   has_zero_weight=None):
     """Integer LayerNorm over the last axis on PTF codes.
 
     All quantities are integers held exactly in float64 (codes shifted by
@@ -159,27 +161,38 @@ def int_layer_norm(codes, zero_point, alpha, in_scale, weight, bias, out_scale,
     half-up, ``floor(v / 2^N + 1/2)``. Element-wise work is done in place on
     two buffers, and ``sign(A) M`` is ``trunc(A 2^N)`` (clamped to
     ``±(2^m_bits - 1)``), which equals ``copysign(floor(|A| 2^N), A)``.
+    Scales and zero points stay tensors on the data's device (read as
+    float64, the exact value of each float32): nothing is read back to the
+    host, except ``has_zero_weight`` when the caller does not pass it.
 
     Args:
         codes (Tensor): PTF integer codes ``x_q`` (any float/int dtype).
-        zero_point (Tensor): PTF zero point (scalar).
+        zero_point (Tensor): PTF zero point (1 element).
         alpha (Tensor): per-channel factors (C,), long.
-        in_scale (Tensor): PTF base scale ``s`` (scalar).
+        in_scale (Tensor): PTF base scale ``s`` (1 element).
         weight, bias (Tensor): LayerNorm affine (C,).
-        out_scale, out_zero_point (Tensor): uniform output quantizer (scalars).
+        out_scale, out_zero_point (Tensor): uniform output quantizer (1 element each).
         out_qmin, out_qmax (int): output code range.
         m_bits (int): bits of the dyadic multiplier ``M``.
         return_codes (bool): also return the int64 codes (else None).
+        has_zero_weight (bool | None): whether ``weight`` has zeros (their
+            ``frexp(0)`` exponent is patched); ``None`` checks (a device sync).
 
     Returns:
         tuple[Tensor | None, Tensor]: integer output codes (int64) and their
         dequantized values ``(y_q - z_out) * s_out`` (float32).
     """
-    x = codes.to(torch.float64, copy=True).sub_(float(zero_point)).mul_(pow2(alpha))
+    f64 = torch.float64
+
+    def scalar(t):
+        return t.reshape(()).to(f64) if isinstance(t, torch.Tensor) else torch.tensor(
+            float(t), dtype=f64, device=codes.device)
+
+    x = codes.to(f64, copy=True).sub_(scalar(zero_point)).mul_(pow2(alpha))
     c = x.shape[-1]
     sum1 = x.sum(dim=-1, keepdim=True)
     sum2 = (x * x).sum(dim=-1, keepdim=True)
-    s, s_out = float(in_scale), float(out_scale)
+    s, s_out = scalar(in_scale), scalar(out_scale)
     std = (s / c) * torch.sqrt(c * sum2 - sum1 * sum1).clamp(min=1e-12)    # float std of x_hat
     w = weight.double()
     a = (s / std) * (w / s_out)                                            # (..., C)
@@ -189,7 +202,9 @@ def int_layer_norm(codes, zero_point, alpha, in_scale, weight, bias, out_scale,
     # are bit casts. frexp(0) has exponent 0: zero weights are patched.
     pe = (torch.bitwise_right_shift(a.view(torch.int64), 52).bitwise_and_(0x7FF)
           .neg_().add_(m_bits + 2045).clamp_(1023, 1023 + 31))             # n + 1023
-    if bool((weight == 0).any()):
+    if has_zero_weight is None:
+        has_zero_weight = bool((weight == 0).any())
+    if has_zero_weight:
         pe.masked_fill_(a == 0, m_bits + 1023)
     p = pow2_biased(pe)                                                    # 2^n
     m = a.mul_(p).trunc_().clamp_(-(2 ** m_bits - 1), 2 ** m_bits - 1)    # sign(a) M
@@ -198,7 +213,7 @@ def int_layer_norm(codes, zero_point, alpha, in_scale, weight, bias, out_scale,
     b = torch.sub(bias.double(), b).div_(s_out).mul_(p).round_()
     p_inv = pow2_biased(2046 - pe)                                        # 2^-n
     y = m.mul_(x).add_(b).mul_(p_inv).add_(0.5).floor_()
-    zp = float(out_zero_point)
-    y.clamp_(out_qmin - zp, out_qmax - zp)
+    zp = scalar(out_zero_point)
+    y.clamp_min_(out_qmin - zp).clamp_max_(out_qmax - zp)
     y_q = y.add(zp).to(torch.int64) if return_codes else None
     return y_q, y.mul_(s_out).float()

@@ -38,8 +38,8 @@ def collect_env():
     try:
         import torch
         from mmcv.ops import roi_align
-        feat = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)
-        rois = torch.tensor([[0., 0., 0., 3., 3.]])
+        feat = torch.arange(16, dtype=torch.float32, device='cpu').view(1, 1, 4, 4)
+        rois = torch.tensor([[0., 0., 0., 3., 3.]], device='cpu')
         roi_align(feat, rois, (2, 2), 1.0, 0, 'avg', True)
         env['mmcv ops'] = 'ok'
     except Exception as exc:  # noqa: BLE001
@@ -61,3 +61,18 @@ def print_env():
     width = max(len(k) for k in env)
     for key, value in env.items():
         print(f'{key:<{width}} : {value}')
+
+
+def device_report(device):
+    """What ran the model: device string, its name and the thread count."""
+    import torch
+    device = torch.device(device)
+    out = dict(device=str(device), type=device.type)
+    if device.type == 'cuda':
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        out.update(name=props.name, capability=f'{props.major}.{props.minor}',
+                   memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    else:
+        out.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return out

@@ -9,6 +9,9 @@ RSS counts pages the process holds, so memory malloc keeps after ``free``
 (a previous phase's activations) is reused without raising it: a phase's
 peak is how far RSS rose above what the process already held.
 """
+import ctypes
+import ctypes.util
+import gc
 import resource
 import sys
 
@@ -58,3 +61,31 @@ class PeakRSS:
     def as_dict(self):
         return dict(start_mb=round(self.start_mb, 1), peak_mb=round(self.peak_mb, 1),
                     exact=self.exact)
+
+
+def release_memory():
+    """Hand memory freed by the caller back to the system.
+
+    ``gc.collect()`` frees unreachable tensors; on CUDA the caching
+    allocator's unused blocks are released (``torch.cuda.empty_cache``); on
+    glibc, ``malloc_trim(0)`` returns free heap pages, which glibc otherwise
+    keeps after large temporary allocations (calibration records, search
+    candidates), inflating the RSS of everything that follows.
+    """
+    gc.collect()
+    torch = sys.modules.get('torch')
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _libc():
+    if not sys.platform.startswith('linux'):
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        return lib if hasattr(lib, 'malloc_trim') else None
+    except OSError:
+        return None

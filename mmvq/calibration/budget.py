@@ -1,0 +1,39 @@
+"""Search budgets by device: the papers' settings on accelerators, bounded on CPU.
+
+Each search stage (FPCS, IGQ allocation) declares two presets: ``cpu`` (the
+documented deviations that keep a calibration within minutes on a few CPU
+cores) and ``accelerator`` (the reference settings: every calibration token
+and window, the reference's survivor counts). An argument given explicitly
+in the quantization block wins over both. The preset is chosen from the
+device of the model when the stage is attached, and the values actually used
+are recorded (``results.json`` -> ``calibration.search_budgets``).
+"""
+import torch
+
+
+def model_device(model):
+    """Device of the model's first parameter (CPU for a model without any)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device('cpu')
+
+
+def resolve_budget(explicit, presets, device):
+    """Merge the preset for ``device`` with the explicitly given values.
+
+    Args:
+        explicit (dict): argument name -> value given by the user (``None``
+            entries mean "not given").
+        presets (dict): ``{'cpu': {...}, 'accelerator': {...}}``.
+        device (torch.device): where the search runs.
+
+    Returns:
+        dict: the values to use, plus ``device`` and ``preset`` (or
+        ``'explicit'`` when every value was given).
+    """
+    preset = 'cpu' if torch.device(device).type == 'cpu' else 'accelerator'
+    values = dict(presets[preset])
+    given = {k: v for k, v in explicit.items() if v is not None}
+    values.update(given)
+    return dict(values, device=str(device),
+                preset='explicit' if set(given) >= set(presets[preset]) else preset)
