@@ -108,6 +108,9 @@ def capture(model, inputs, forward_fn, ln_names, softmax_names, gelu_names):
     enabled = {name: q.enabled for name, q in iter_quantizers(model)}
     enable_quantizers(model, False)
     mods = dict(model.named_modules())
+    attention = [m for m in model.modules() if isinstance(m, QuantAttentionMixin)]
+    for m in attention:                 # fused SDPA would skip the matmul hooks
+        m.force_explicit = True
     store, handles = {}, []
 
     def hook(name, arg):
@@ -129,6 +132,8 @@ def capture(model, inputs, forward_fn, ln_names, softmax_names, gelu_names):
             h.remove()
         for name, q in iter_quantizers(model):
             q.enabled = enabled[name]
+        for m in attention:
+            m.force_explicit = False
     return {k: torch.cat(v) for k, v in store.items()}
 
 

@@ -37,10 +37,21 @@ def block(name):
 
 
 # ------------------------------------------------------------------ models
+def build_in_scope(scope, cfg):
+    from mmengine.registry import DefaultScope
+    if scope == 'mmpretrain':
+        import mmpretrain.utils
+        from mmpretrain.registry import MODELS as REG
+        mmpretrain.utils.register_all_modules(init_default_scope=False)
+    else:
+        from mmdet.registry import MODELS as REG
+    with DefaultScope.overwrite_default_scope(scope):
+        return REG.build(cfg)
+
+
 def tiny_vit():
-    from mmpretrain.registry import MODELS
     cfg = Config.fromfile(osp.join(ROOT, 'benchmarks', 'configs', 'tiny_vit_cls.py'))
-    model = MODELS.build(cfg.model)
+    model = build_in_scope('mmpretrain', cfg.model)
     ckpt = torch.load(osp.join(ROOT, 'benchmarks', 'checkpoints', 'tiny_vit_cls.pth'),
                       map_location='cpu', weights_only=True)
     model.load_state_dict(ckpt['state_dict'])
@@ -50,12 +61,11 @@ def tiny_vit():
 
 
 def tiny_swin_cls():
-    from mmpretrain.registry import MODELS
     torch.manual_seed(0)
-    model = MODELS.build(dict(
+    model = build_in_scope('mmpretrain', dict(
         type='ImageClassifier',
         backbone=dict(type='SwinTransformer', arch=dict(embed_dims=32, depths=[2, 2], num_heads=[1, 2]),
-                      img_size=56, window_size=7, drop_path_rate=0.0),
+                      img_size=56, window_size=7, drop_path_rate=0.0, out_indices=(1, )),
         neck=dict(type='GlobalAveragePooling'),
         head=dict(type='LinearClsHead', num_classes=10, in_channels=64)))
     g = torch.Generator().manual_seed(0)
@@ -65,12 +75,11 @@ def tiny_swin_cls():
 
 def tiny_detector():
     import sys
-    from mmdet.registry import MODELS
     from mmdet.structures import DetDataSample
     sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
     from shapes import draw_det_image
     cfg = Config.fromfile(osp.join(ROOT, 'benchmarks', 'configs', 'tiny_swin_mask_rcnn.py'))
-    model = MODELS.build(cfg.model)
+    model = build_in_scope('mmdet', cfg.model)
     ckpt = torch.load(osp.join(ROOT, 'benchmarks', 'checkpoints', 'tiny_swin_mask_rcnn.pth'),
                       map_location='cpu', weights_only=True)
     model.load_state_dict(ckpt['state_dict'])

@@ -41,4 +41,9 @@ class QuantAttentionMixin(QuantModuleMixin):
                 yield f'{prefix}.{slot}', q
 
     def any_quantizer_active(self):
-        return any(q.enabled and q.mode != 'float' for _, q in self.quantizers())
+        """Whether the explicit (matmul, softmax, matmul) path must run: some
+        quantizer is active, or :attr:`force_explicit` is set (activation
+        capture with every quantizer off still needs the matmul inputs)."""
+        return self.force_explicit or any(q.enabled and q.mode != 'float' for _, q in self.quantizers())
+
+    force_explicit = False

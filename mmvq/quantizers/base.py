@@ -55,6 +55,8 @@ def host_value(owner, key, tensor, fn):
         tensor (Tensor): the tensor the value is derived from.
         fn (callable): ``tensor -> host value`` (e.g. ``bool``, ``float``).
     """
+    if not isinstance(tensor, torch.Tensor):          # already a host value
+        return fn(tensor)
     cache = owner.__dict__.setdefault('_mmvq_host', {})
     hit = cache.get(key)
     if hit is None or hit[0]() is not tensor or hit[1] != tensor._version:
