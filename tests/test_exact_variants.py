@@ -86,7 +86,7 @@ def test_device_policy(monkeypatch, forced):
         assert exact.integer_dtype('cuda:0') == want, cap
     exact._device_dtype.cache_clear()
     assert exact.integer_dtype('mps') == torch.int64
-    assert exact.chunk_elems('cpu') == 1 << 20 and exact.chunk_elems('cuda:0') == 1 << 24
+    assert exact.chunk_elems('cpu') == 1 << 18 and exact.chunk_elems('cuda:0') == 1 << 24
 
 
 def test_fqvit_model_identical_in_both_representations(forced):

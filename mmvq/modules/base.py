@@ -10,6 +10,8 @@ are added as child modules (``fc.input_quantizer.scale`` ...).
 Each wrapper declares *slots* (``input``, ``weight`` ...) and the converter
 passes, for each slot, a quantizer config or ``None`` (identity).
 """
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -53,24 +55,30 @@ class QuantModuleMixin:
                 setattr(self, f'{slot}_quantizer', q if q is not None else nn.Identity())
 
     def quantized_weight(self):
-        """``weight_quantizer(self.weight)``, cached for inference.
+        """``weight_quantizer(self.weight)``, from cached integer codes in inference.
 
         Weights and weight-quantizer parameters are constant between calls in
-        evaluation, so the fake-quantized weight is computed once and reused
-        until the weight or any quantizer buffer changes (storage, in-place
-        version, device/dtype) or the quantizer's ``enabled`` flag changes; outside
-        ``quant`` mode or with autograd on nothing is cached. The cache is a plain attribute, never in ``state_dict``.
+        evaluation, so the weight's integer codes are computed once — held in
+        8 bits, a quarter of a float copy — and each call dequantizes them,
+        ``(c - z) s``: bit for bit the fake-quantized weight (``c - z`` is
+        the same integer the fake quantizer multiplies by ``s``), for one
+        pass over the weight. The codes are recomputed when the weight or any
+        quantizer buffer changes (object, in-place version, device/dtype) or
+        the quantizer's ``enabled`` flag changes; outside ``quant`` mode, with
+        autograd on, or for a weight quantizer without integer codes nothing
+        is cached. The cache is a plain attribute, never in ``state_dict``.
         """
         wq, w = self.weight_quantizer, self.weight
-        if torch.is_grad_enabled() or isinstance(wq, nn.Identity) or wq.mode != 'quant':
+        if (torch.is_grad_enabled() or isinstance(wq, nn.Identity) or wq.mode != 'quant'
+                or not wq.enabled or not hasattr(wq, 'codes')):
             return wq(w)
-        key = (w.data_ptr(), w._version, w.dtype, w.device, wq.enabled,
-               tuple((b.data_ptr(), b._version) for b in wq.buffers()))
+        key = (id(w), w._version, w.dtype, w.device,
+               tuple((id(b), b._version) for b in wq.buffers()))
         cache = self.__dict__.get('_mmvq_wq_cache')
-        if cache is None or cache[0] != key:
-            cache = (key, wq(w))
+        if cache is None or cache[0] != key or cache[1]() is not w:
+            cache = (key, weakref.ref(w), wq.codes(w))
             self.__dict__['_mmvq_wq_cache'] = cache
-        return cache[1]
+        return wq.dequantize(cache[2], w.dtype)
 
     def quantizers(self):
         """Yield ``(slot, quantizer)`` for every non-identity slot."""

@@ -45,9 +45,10 @@ def adalog_tables(q, r, bits):
     return t1, t2
 
 
-def _unclamped_codes(x, scale, q, r):
-    """``round(-log2(clamp(x / s, 1e-15, 1)) * r / q)``, in place on one buffer."""
-    t = torch.div(x, scale).clamp_(min=1e-15, max=1.0)
+def _unclamped_codes(x, scale, q, r, shift=None):
+    """``round(-log2(clamp((x + shift) / s, 1e-15, 1)) * r / q)``, in place on one buffer."""
+    t = torch.div(x, scale) if shift is None else torch.add(x, shift).div_(scale)
+    t.clamp_(min=1e-15, max=1.0)
     return torch.log2(t, out=t).neg_().mul_(r).div_(q).round_()
 
 
@@ -128,8 +129,8 @@ class AdaLogQuantizer(BaseQuantizer):
         # gather from the table extended by an exact 0 at index 2^b, which is
         # where every code >= 2^b (too small for the grid) lands after the clamp
         levels = 2 ** self.bits
-        idx = _unclamped_codes(x + self.shift, self.scale, self.q.float(),
-                               self.r).clamp_(0, levels).long()
+        idx = _unclamped_codes(x, self.scale, self.q.float(), self.r,
+                               self.shift).clamp_(0, levels).long()
         lut = self.lut()
         out = torch.take(torch.cat([lut, lut.new_zeros(1)]), idx).to(x.dtype)
         if self.shifted and not self.is_folded():

@@ -22,9 +22,8 @@ device). :func:`set_integer_dtype` forces one representation (tests run
 both on CPU).
 
 Temporaries are bounded by processing rows in slices of
-:func:`chunk_elems` elements (2^20 on CPU, 2^24 on accelerators: a few
-hundred MB of temporaries at most instead of several GB for a 1333x800
-detector).
+:func:`chunk_elems` elements (2^18 on CPU, 2^24 on accelerators): tens of
+MB of temporaries on CPU instead of GBs for a 1333x800 detector.
 """
 import functools
 
@@ -32,7 +31,7 @@ import torch
 
 # (major, minor) compute capabilities with full-rate FP64
 FAST_FP64 = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
-CHUNK_ELEMS = {'cpu': 1 << 20, 'accelerator': 1 << 24}
+CHUNK_ELEMS = {'cpu': 1 << 18, 'accelerator': 1 << 24}
 _FORCED = [None]
 
 

@@ -171,9 +171,16 @@ class IGQQuantizer(BaseQuantizer):
     def fake_quant(self, x):
         view, mins, maxs, restore = unit_ranges(x, self.unit)
         g = self.assign(mins, maxs)                                   # (I, U)
-        s = self.scale[g][..., None].to(x.dtype)
-        z = self.zero_point[g][..., None].to(x.dtype)
-        return restore(fake_quant_affine(view, s, z, self.qmin, self.qmax))
+        s = self.scale[g].to(x.dtype)
+        z = self.zero_point[g].to(x.dtype)
+        if self.unit == 'channel' and x.dim() != 4:
+            # channels last: scale each (instance, channel) in x's own layout,
+            # so no transposed copy is made (the same values as on the view)
+            lead = x.shape[0] if x.dim() > 2 else 1
+            x3 = x.reshape(lead, -1, x.shape[-1])
+            out = fake_quant_affine(x3, s[:, None, :], z[:, None, :], self.qmin, self.qmax)
+            return out.reshape(x.shape)
+        return restore(fake_quant_affine(view, s[..., None], z[..., None], self.qmin, self.qmax))
 
     def summary(self):
         return dict(kind=self.kind, bits=self.bits,

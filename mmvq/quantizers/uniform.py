@@ -171,8 +171,17 @@ class UniformQuantizer(BaseQuantizer):
         s, z = self._view(self.scale, x), self._view(self.zero_point, x)
         return torch.clamp(torch.round(x / s) + z, self.qmin, self.qmax)
 
-    def dequantize(self, q):
-        return (q - self._view(self.zero_point, q)) * self._view(self.scale, q)
+    def dequantize(self, q, dtype=torch.float32):
+        """``(q - z) s`` (``q`` of any dtype; float result in ``dtype``)."""
+        out = q.to(dtype).sub_(self._view(self.zero_point, q))
+        return out.mul_(self._view(self.scale, q))
+
+    def codes(self, x):
+        """Integer codes of ``x`` in the smallest integer dtype that holds them
+        (``int8``/``uint8`` up to 8 bits): ``dequantize(codes(x))`` equals
+        ``fake_quant(x)`` bit for bit."""
+        dtype = torch.uint8 if self.qmin >= 0 else torch.int8
+        return self.quantize(x).to(dtype)
 
     def fake_quant(self, x):
         return fake_quant_affine(x, self._view(self.scale, x), self._view(self.zero_point, x),
