@@ -1,8 +1,14 @@
 """Full-size detectors at 1333x800: calibration time, eval time and peak memory, FP vs each method.
 
 Random (seeded) weights: time and memory do not depend on training, and no
-checkpoint can be downloaded here. Each (model, method) runs in its own
-process so that memory is measured from a fresh start::
+checkpoint can be downloaded here. With random weights the number of
+detections would follow the quantization noise and with it the RoI/mask
+heads' time and memory, so the R-CNN keeps its top 100 boxes whatever their
+score (``score_thr=0``): FP and quantized evaluations run the same head
+workload and differ only by what mmvq adds. Each (model, method) runs in its
+own process so that memory is measured from a fresh start, and freed memory
+is handed back (:func:`mmvq.utils.memory.release_memory`) before each timed
+phase, FP and quantized alike::
 
     python benchmarks/full_size.py                                   # CPU: Cascade Swin-S, 4 methods
     python benchmarks/full_size.py --models mask_rcnn_swin_t cascade_swin_s --methods all
@@ -105,10 +111,12 @@ def worker(args):
     import mmvq
     from mmvq.utils import load_config
     from mmvq.utils.env import device_report
+    from mmvq.utils.memory import release_memory
     register_all_modules(init_default_scope=True)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     cfg = load_config(MODELS[args.model][1])
     cfg.model.backbone.init_cfg = None
+    cfg.model.test_cfg.rcnn.score_thr = 0.0
     torch.manual_seed(0)
     model = DET_MODELS.build(cfg.model).to(args.device).eval()
     evals = [_batch(100 + i, args.device) for i in range(args.eval_images)]
@@ -117,6 +125,7 @@ def worker(args):
     def evaluate():
         with torch.no_grad():
             model.test_step(evals[0])                      # untimed warm-up
+            release_memory()
             with _Phase(args.device) as phase:
                 for batch in evals:
                     model.test_step(batch)

@@ -48,9 +48,15 @@ def test_ptq_writes_fp_and_quantized_coco_metrics(method, coco_mini, tmp_path):
     assert res['eval_time']['per_image']['quantized'] > 0
     md = (tmp_path / 'wd' / 'results.md').read_text()
     assert '| coco/bbox_mAP |' in md and res['method'] in md
+    assert res['device']['type'] == 'cpu' and res['device']['integer_dtype'] == 'float64'
+    assert res['device']['threads'] >= 1 and 'cuda_peak_mb' not in res['memory']['quantized']
     if method == 'adalog_w4a4':
         assert set(res['bits']) == {'uniform', 'adalog+shift', 'adalog'}
         assert res['calibration']['searches']['fpcs']
+        # the CPU preset, recorded as used
+        assert res['calibration']['search_budgets']['fpcs'] == dict(
+            device='cpu', preset='cpu', max_tokens=512, max_windows=32, uniform_width=8,
+            macs_per_candidate=1 << 24)
     if method == 'fqvit_w8a8_attn4':
         assert set(res['bits']) == {'uniform', 'ptf', 'lis'} and res['bits']['lis'] == [4]
 
@@ -65,6 +71,8 @@ def test_save_load_round_trip_gives_identical_predictions(coco_mini, tmp_path):
     assert 'backbone.stages.0.blocks.0.attn.w_msa.qkv.weight' in payload['state_dict']
     res_a = json.loads((tmp_path / 'a' / 'results.json').read_text())
     alloc = res_a['calibration']['searches']['igq_allocation']
+    assert res_a['calibration']['search_budgets']['igq_allocation'] == dict(
+        device='cpu', preset='cpu', max_tokens=1024, max_windows=32)
     assert alloc['bops'] <= alloc['budget'] and len(alloc['groups']) == 12 * 5 + 3
     ptq(cfg, coco_mini, tmp_path / 'b', '--skip-fp', '--max-eval-images', '2',
         '--load-quantized', str(qpath), '--out', str(tmp_path / 'b.pkl'))

@@ -407,3 +407,11 @@ def test_cached_quantized_weight_tracks_weight_and_params():
         wq.enabled = False
         assert torch.equal(lin.quantized_weight(), lin.weight)
     assert not any('cache' in k for k in lin.state_dict())
+    # the cache holds 8-bit codes, not a float copy, and dequantizes them exactly
+    wq.enabled = True
+    with torch.no_grad():
+        w = lin.quantized_weight()
+        codes = lin._mmvq_wq_cache[2]
+        assert codes.dtype == torch.int8 and codes.shape == lin.weight.shape
+        assert torch.equal(w, wq.fake_quant(lin.weight))
+        assert int(codes.min()) >= -8 and int(codes.max()) <= 7

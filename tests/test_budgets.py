@@ -1,0 +1,67 @@
+"""Search budgets by device, store policy of observer records, host-side merge payloads."""
+import torch
+
+from mmvq.calibration import FPCS, IGQAllocation
+from mmvq.calibration.cache import SearchCache
+from mmvq.calibration.driver import _to_host, store_settings
+from mmvq.quantizers.observers import SampleStore, calibration_step, store_policy
+
+
+def test_presets_by_device_and_explicit_values_win():
+    f = FPCS()
+    assert f.budget == dict(device='cpu', preset='cpu', max_tokens=512, max_windows=32,
+                            uniform_width=8, macs_per_candidate=1 << 24)
+    f.set_device(torch.device('cuda', 0))               # only the device's type is read
+    assert f.budget == dict(device='cuda:0', preset='accelerator', max_tokens=None,
+                            max_windows=None, uniform_width=16, macs_per_candidate=None)
+    assert f.max_tokens is None and f.uniform_width == 16
+    g = FPCS(max_tokens=4096)
+    g.set_device('cuda')
+    assert g.max_tokens == 4096 and g.max_windows is None and g.budget['preset'] == 'accelerator'
+    h = FPCS(max_tokens=1, max_windows=2, uniform_width=3, macs_per_candidate=4)
+    h.set_device('cuda')
+    assert h.budget['preset'] == 'explicit'
+    a = IGQAllocation()
+    assert (a.max_tokens, a.max_windows) == (1024, 32)
+    a.set_device('cuda')
+    assert (a.max_tokens, a.max_windows) == (None, None)
+
+
+def test_unbounded_cache_keeps_every_token_and_window():
+    lin = SearchCache('linear', max_tokens=None, max_instances=None)
+    mm = SearchCache('matmul', max_windows=None)
+    with calibration_step(0, expected=4):
+        lin.update((torch.randn(3, 777, 8), ))
+        mm.update((torch.randn(50, 2, 7, 7), torch.randn(50, 2, 7, 4)))
+    assert lin.data()[0].shape == (3, 777, 8)
+    assert mm.data()[0].shape == (50, 2, 7, 7)
+    bounded = SearchCache('linear', max_tokens=512)
+    with calibration_step(0, expected=4):
+        bounded.update((torch.randn(3, 777, 8), ))
+    assert bounded.data()[0].shape[1] <= 512 // 4 // 3 + 1
+
+
+def test_store_policy_bounds_bytes_and_places_records():
+    x = torch.randn(256, 4096)                          # 256 channels
+    store = SampleStore(ch_axis=0, max_columns=4096)
+    with store_policy(device='cpu', max_bytes=256 * 4 * 100):
+        store.update(x)
+    assert store.data().shape == (256, 100)             # 100 columns fit in the bytes
+    assert torch.equal(store.data(), x[:, ::41])         # evenly strided: ceil(4096 / 100)
+    meta = SampleStore(ch_axis=0)
+    with store_policy(device='meta'):                   # any device: records move there
+        meta.update(x)
+    assert meta.data().device.type == 'meta'
+    assert store.data('meta').device.type == 'meta'     # a reader takes them to its device
+    assert store_settings(dict(calib=dict(store_device='same', store_mb=8))) == dict(
+        device='same', max_bytes=8 << 20)
+    assert store_settings({}) == dict(device='cpu', max_bytes=64 << 20)
+
+
+def test_records_go_to_the_host_before_gathering():
+    recs = {'a:observer': {(0, 0): (torch.ones(2), torch.zeros(2))},
+            'b:cache': {(1, 0): (torch.ones(1, 2, 3), 7)}}
+    out = _to_host(recs)
+    assert out.keys() == recs.keys() and out['b:cache'][(1, 0)][1] == 7
+    assert isinstance(out['a:observer'][(0, 0)], tuple)
+    assert all(t.device.type == 'cpu' for t in out['a:observer'][(0, 0)])
