@@ -37,3 +37,20 @@ def resolve_budget(explicit, presets, device):
     values.update(given)
     return dict(values, device=str(device),
                 preset='explicit' if set(given) >= set(presets[preset]) else preset)
+
+
+class DeviceBudget:
+    """Mixin of search stages with per-device presets (:data:`PRESETS`).
+
+    The stage stores the explicitly given values in ``_explicit``;
+    :meth:`set_device` (called from ``attach`` with the model's device)
+    resolves them against the preset and sets each as an attribute.
+    """
+
+    PRESETS = dict(cpu={}, accelerator={})
+
+    def set_device(self, device):
+        """Choose the budget preset for ``device`` (explicit arguments win)."""
+        self.budget = resolve_budget(self._explicit, self.PRESETS, torch.device(device))
+        for key in self.PRESETS['cpu']:
+            setattr(self, key, self.budget[key])

@@ -43,7 +43,7 @@ from ..modules.linear import QuantLinear
 from ..modules.matmul import QuantMatMul
 from ..quantizers.adalog import AdaLogQuantizer
 from ..quantizers.uniform import UniformQuantizer, affine_params, fake_quant_affine
-from .budget import model_device, resolve_budget
+from .budget import DeviceBudget, model_device
 from .cache import attach_search_cache, detach_search_cache
 
 CHUNK_ELEMS = 1 << 25
@@ -109,7 +109,7 @@ def progressive(init, evaluate, width, steps, expand):
     return cands[losses.argmin()]
 
 
-class FPCS:
+class FPCS(DeviceBudget):
     """FPCS search stage for :func:`mmvq.calibration.run_calibration`.
 
     Args:
@@ -154,11 +154,6 @@ class FPCS:
         self.report = {}
         self.set_device('cpu')
 
-    def set_device(self, device):
-        """Choose the budget preset for ``device`` (explicit arguments win)."""
-        self.budget = resolve_budget(self._explicit, self.PRESETS, torch.device(device))
-        for key in self.PRESETS['cpu']:
-            setattr(self, key, self.budget[key])
 
     # ------------------------------------------------------------ targets
     def _targets(self, model):

@@ -37,7 +37,7 @@ from ..modules.linear import QuantLinear
 from ..modules.matmul import QuantMatMul
 from ..quantizers.igq import IGQQuantizer
 from ..quantizers.uniform import UniformQuantizer
-from .budget import model_device, resolve_budget
+from .budget import DeviceBudget, model_device
 from .cache import attach_search_cache, detach_search_cache
 from .fpcs import progress_iter
 
@@ -82,7 +82,7 @@ def solve_mckp(costs, losses, budget, resolution=2000):
     return picks[::-1]
 
 
-class IGQAllocation:
+class IGQAllocation(DeviceBudget):
     """Allocate IGQ group counts per layer (search stage).
 
     Args:
@@ -110,11 +110,6 @@ class IGQAllocation:
         self.report = {}
         self.set_device('cpu')
 
-    def set_device(self, device):
-        """Choose the budget preset for ``device`` (explicit arguments win)."""
-        self.budget = resolve_budget(self._explicit, self.PRESETS, torch.device(device))
-        for key in self.PRESETS['cpu']:
-            setattr(self, key, self.budget[key])
 
     def _targets(self, model):
         for name, m in model.named_modules():
