@@ -9,12 +9,15 @@ workload and differ only by what mmvq adds. Each (model, method) runs in its
 own process so that memory is measured from a fresh start, and freed memory
 is handed back (:func:`mmvq.utils.memory.release_memory`) before each timed
 phase, FP and quantized alike. On CPU the workers run with glibc's mmap
-threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``, unless already set):
+threshold fixed at 4 MiB (``MALLOC_MMAP_THRESHOLD_``, unless already set):
 by default glibc raises it after large frees and then keeps freed
 activations in its heap, so a phase's peak RSS would depend on allocation
 history (the same FP evaluation peaked 150 MB apart in two processes); with
-it fixed, large tensors are returned when freed and peak RSS follows the
-memory tensors really need — the quantity a GPU run is limited by::
+it fixed, tensors of 4 MiB and more (every activation that matters here)
+are returned when freed and peak RSS follows the memory tensors really
+need — the quantity a GPU run is limited by —, while small temporaries
+(the 2 MiB slices of the integer paths) are still reused from the heap
+(a 128 KiB threshold made FQ-ViT's evaluation 4.8x slower in page faults)::
 
     python benchmarks/full_size.py                                   # CPU: Cascade Swin-S, 4 methods
     python benchmarks/full_size.py --models mask_rcnn_swin_t cascade_swin_s --methods all
@@ -197,7 +200,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             env = dict(os.environ)
             if args.device == 'cpu':
-                env.setdefault('MALLOC_MMAP_THRESHOLD_', str(128 * 1024))
+                env.setdefault('MALLOC_MMAP_THRESHOLD_', str(4 << 20))
             proc = subprocess.run(cmd, env=env)
             if proc.returncode != 0:
                 print(f'[full_size] {model} {method} failed (exit {proc.returncode})', flush=True)

@@ -22,7 +22,7 @@ from ..registry import LOOPS
 from ..quantizers.exact import integer_dtype
 from ..utils import collect_env
 from ..utils.env import device_report
-from ..utils.memory import PeakRSS
+from ..utils.memory import PeakRSS, release_memory
 from ..utils.profiling import profile_to
 from .budget import model_device
 from .data import CalibrationSamples
@@ -145,6 +145,7 @@ class PTQLoop(BaseLoop):
         # cached fake-quantized weights), so FP and quantized timings compare
         # steady state with steady state
         self.runner.model.test_step(next(iter(self.dataloader)))
+        release_memory()          # both phases start from the memory they hold, not glibc's leftovers
         bar = _progress(len(self.dataloader), f'eval {tag}')
         prof = contextlib.nullcontext()
         if self.profile and is_main_process():
