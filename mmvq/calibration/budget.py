@@ -10,12 +10,7 @@ are recorded (``results.json`` -> ``calibration.search_budgets``).
 """
 import torch
 
-
-def model_device(model):
-    """Device of the model's first parameter (CPU for a model without any)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device('cpu')
+from ..modules.base import module_device as model_device  # noqa: F401 (one helper for both)
 
 
 def resolve_budget(explicit, presets, device):

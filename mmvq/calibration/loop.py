@@ -253,6 +253,7 @@ class PTQLoop(BaseLoop):
         n_eval = len(self.dataloader.dataset)
         fp, q = record['fp'] or {}, record['quantized'] or {}
         delta = {k: q[k] - fp[k] for k in q if k in fp and isinstance(q[k], (int, float))}
+        device = model_device(model)
         kinds = {}
         for row in quant_summary(model):
             kinds.setdefault(row['kind'], set()).add(row['bits'])
@@ -269,8 +270,8 @@ class PTQLoop(BaseLoop):
                            repeats=self.eval_repeats,
                            passes={k.lower(): v for k, v in self._passes.items()}),
             calibration=record['calibration'], profiled=self.profile,
-            device=dict(device_report(model_device(model)),
-                        integer_dtype=str(integer_dtype(model_device(model))).replace('torch.', '')),
+            device=dict(device_report(device),
+                        integer_dtype=str(integer_dtype(device)).replace('torch.', '')),
             memory={k.lower(): v for k, v in self._memory.items()},
             num_quantizers=len(list(iter_quantizers(model))),
             versions=dict(collect_env()), rank=get_rank())
