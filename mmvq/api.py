@@ -3,7 +3,8 @@
 Quantization configs are plain dicts (mmengine-config friendly)::
 
     qcfg = dict(
-        scope='backbone',                 # or 'model' (alias 'detector')
+        scope='auto',                     # 'backbone', 'model' (alias 'detector');
+                                          # auto: classifiers whole, detectors' backbone
         integer_layernorm=False,          # FQ-ViT integer LN (needs PTF)
         roles=dict(                       # quantizer config per role
             weight=dict(type='UniformQuantizer', bits=8, symmetric=True,
@@ -15,6 +16,12 @@ Quantization configs are plain dicts (mmengine-config friendly)::
             dict(name='*patch_embed*', roles=dict(patch_embed_input=dict(bits=8))),
         ],
     )
+
+Scope ``'auto'`` (the default) quantizes a classifier whole — backbone and
+head, as FQ-ViT, AdaLog and RepQ-ViT evaluate on ImageNet (the head's input
+role ``head_input`` falls back to the activation bits; ``logits`` is float
+unless set) — and a detector's backbone (``'model'`` adds neck, RPN and RoI
+heads, as the RepQ-ViT/APHQ-ViT detection pipelines).
 
 Roles fall back along :data:`ROLE_FALLBACK` (``qkv_input`` -> ``linear_input``
 -> ``act``); a role set to ``None`` is left in float. An override applies to a
@@ -33,7 +40,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from .adapters import find_adapter, generic_sites
+from .adapters import find_adapter, generic_sites, model_task
 from .adapters.attention import QuantAttentionMixin
 from .modules.base import QuantModuleMixin, swap_class
 from .quantizers.base import BaseQuantizer
@@ -48,7 +55,7 @@ ROLE_FALLBACK = {
     'q': 'matmul_input', 'k': 'matmul_input', 'v': 'matmul_input', 'matmul_input': 'act',
     'attn_probs': 'act',
 }
-SCOPES = ('backbone', 'model', 'detector')
+SCOPES = ('auto', 'backbone', 'model', 'detector')
 _MISSING = object()
 
 
@@ -123,15 +130,27 @@ def _find_backbone(model):
     return '', model
 
 
+def resolve_scope(model, scope='auto'):
+    """The scope a quantization block means for ``model``.
+
+    ``'auto'`` is ``'model'`` for an mmpretrain classifier (its head is
+    quantized, as in the papers' ImageNet tables) and ``'backbone'``
+    otherwise; ``'detector'`` is an alias of ``'model'``.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f'scope={scope!r}: use one of {SCOPES}')
+    if scope == 'auto':
+        return 'model' if model_task(model) == 'classification' else 'backbone'
+    return 'model' if scope == 'detector' else scope
+
+
 def plan(model, qcfg):
     """List the sites of ``model`` with the quantizer config of every slot.
 
     Returns:
         list[tuple[Site, dict]]: site and ``slot -> cfg | None``.
     """
-    scope = qcfg.get('scope', 'backbone')
-    if scope not in SCOPES:
-        raise ValueError(f'scope={scope!r}: use one of {SCOPES}')
+    scope = resolve_scope(model, qcfg.get('scope', 'auto'))
     roles = qcfg.get('roles', {})
     overrides = qcfg.get('overrides', [])
     prefix, backbone = _find_backbone(model)

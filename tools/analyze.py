@@ -19,6 +19,7 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+import ptq  # noqa: E402,F401  (its warning filter applies before mmengine is imported)
 
 
 def parse_args(argv=None):
@@ -35,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument('--max-layers', type=int, default=4, help='layers per plot')
     p.add_argument('--no-plots', action='store_true')
     p.add_argument('--trust-checkpoint', action='store_true')
+    p.add_argument('--verbose', action='store_true', help="mmengine's tables on the console too")
     p.add_argument('--debug', action='store_true')
     args = p.parse_args(argv)
     # fields tools/ptq.py's runner builder reads
@@ -59,7 +61,9 @@ def analyze(args):
 
     import mmvq
     from mmvq import analysis
+    from mmvq.adapters import model_task
     from mmvq.calibration import CalibrationSamples, make_search, run_calibration
+    from mmvq.calibration.data import calib_images_for
     from mmvq.checkpoint import atomic_write_text
     from mmvq.modules import QuantLayerNorm, QuantLinear, QuantMatMul
     from ptq import build_runner
@@ -70,11 +74,14 @@ def analyze(args):
     model.eval()
     qcfg = cfg.quant.to_dict()
     calib = qcfg.get('calib', {})
-    samples = CalibrationSamples(cfg, args.calib_images or calib.get('images', 1),
-                                 args.seed if args.seed is not None else calib.get('seed', 0),
-                                 calib.get('split', 'train'))
-    probe = CalibrationSamples(cfg, args.analysis_images, 0, 'test')
-    is_classifier = hasattr(model, 'head') and not hasattr(model, 'roi_head')
+    task = model_task(model)
+    n_calib, source = calib_images_for(task, args.calib_images, calib.get('images'))
+    split = calib.get('split', 'train')
+    samples = CalibrationSamples.from_config(
+        cfg, n_calib, args.seed if args.seed is not None else calib.get('seed', 0), split)
+    runner.logger.info(f'[mmvq] calibration: {n_calib} images of the {split} split ({source})')
+    probe = CalibrationSamples.from_config(cfg, args.analysis_images, 0, 'test')
+    is_classifier = task == 'classification'
 
     def inputs_of(batch):
         return model.data_preprocessor(batch, False)['inputs']

@@ -20,7 +20,10 @@ ACT = "dict(type='mmvq.UniformQuantizer', bits={b})"
 HEAD = "dict(type='mmvq.UniformQuantizer', bits={b}, granularity='head')"
 ADALOG_SOFTMAX = "dict(type='mmvq.AdaLogQuantizer', bits={b}, fixed_scale=1.0)"
 ADALOG_GELU = "dict(type='mmvq.AdaLogQuantizer', bits={b}, shift=0.16997124254703522)"
-CALIB = "calib=dict(images={n}, split='train', seed=0)"
+# images: left to the task's default (32 for a classifier, 1 for a COCO
+# detector, as the papers); set `images=N` here or pass --calib-images N
+CALIB = "calib=dict(split='train', seed=0)"
+SCOPE = "scope='auto',   # a classifier whole (head included), a detector's backbone"
 
 
 def uniform(b):
@@ -28,7 +31,7 @@ def uniform(b):
             f'# every activation {b}-bit asymmetric per tensor (min-max), attention included.',
             f"""quant = dict(
     name='Uniform W{b}A{b} (min-max)',
-    scope='backbone',
+    {SCOPE}
     roles=dict(weight={W_SYM.format(b=b)},
                act={ACT.format(b=b)}),
     {{calib}},
@@ -44,13 +47,14 @@ def fqvit(attn):
         softmax = "# 8-bit uniform attention probabilities (FQ-ViT 8/8/8)\n        attn_probs=_a"
     return (f'FQ-ViT W8A8/Attn{attn}: weights int8 symmetric per channel; activations uint8 per\n'
             '# tensor (min-max); LayerNorm inputs with Power-of-Two Factors (K=3) and integer\n'
-            '# LayerNorm whose uint8 output feeds qkv/fc1/reduction; logits uint8, then '
-            + ('integer\n# softmax + 4-bit log2 quantization (Log-Int-Softmax).' if attn == 4
-               else 'float\n# softmax and 8-bit uniform probabilities.'),
+            '# LayerNorm whose uint8 output feeds qkv/fc1/reduction; attention logits uint8,\n# then '
+            + ('integer softmax + 4-bit log2 quantization (Log-Int-Softmax)' if attn == 4
+               else 'float softmax and 8-bit uniform probabilities')
+            + '; a classifier\'s\n# head weights int8, its input and its logits uint8.',
             f"""_a = {ACT.format(b=8)}
 quant = dict(
     name='FQ-ViT W8A8/Attn{attn} (PTF, integer LayerNorm{", LIS" if attn == 4 else ""})',
-    scope='backbone',
+    {SCOPE}
     integer_layernorm=True,
     roles=dict(
         weight={W_SYM.format(b=8)},
@@ -59,6 +63,7 @@ quant = dict(
         ln_output=_a,
         qkv_input=None, fc1_input=None, reduction_input=None,   # = LayerNorm output
         attn_logits=_a,
+        logits=_a,                        # the classifier's output (act_out)
         {softmax}),
     {{calib}},
 )
@@ -81,7 +86,7 @@ def adalog(b):
             '# patch-embed input at 8 bit (the reference leaves it unquantized: qconv_a_bit=8).',
             f"""quant = dict(
     name='AdaLog W{b}A{b} (FPCS)',
-    scope='backbone',
+    {SCOPE}
     roles=dict(
         {adalog_roles(b)}),
     searches=[dict(type='fpcs')],
@@ -96,7 +101,7 @@ def igq(b, g):
             f'# budget of G={g} everywhere; weights {b}-bit symmetric per output channel.',
             f"""quant = dict(
     name='IGQ-ViT W{b}A{b} (G={g} average, allocated)',
-    scope='backbone',
+    {SCOPE}
     roles=dict(
         weight={W_SYM.format(b=b)},
         act={ACT.format(b=b)},
@@ -115,7 +120,7 @@ def mixed(b):
             f'# Linear inputs, {b}-bit weights per channel; FPCS then group allocation.',
             f"""quant = dict(
     name='Mixed W{b}A{b} (PTF + AdaLog + IGQ)',
-    scope='backbone',
+    {SCOPE}
     roles=dict(
         {adalog_roles(b, "ln_input=dict(type='mmvq.PTFQuantizer', bits=8)",
                       f"linear_input=dict(type='mmvq.IGQQuantizer', bits={b}, num_groups=8)")}),
@@ -163,9 +168,9 @@ def main():
     os.makedirs(QUANT_DIR, exist_ok=True)
     for method, (comment, body) in METHODS.items():
         write(osp.join(QUANT_DIR, f'{method}.py'),
-              f'# {comment}\n{HEADER}{body.format(calib=CALIB.format(n=1))}')
+              f'# {comment}\n{HEADER}{body.format(calib=CALIB)}')
     rows = []
-    for task, models, folder, n_calib in (('det', DETECTORS, '', 1), ('cls', CLASSIFIERS, 'cls', 32)):
+    for task, models, folder in (('det', DETECTORS, ''), ('cls', CLASSIFIERS, 'cls')):
         out_dir = osp.join(ROOT, 'configs', folder)
         os.makedirs(out_dir, exist_ok=True)
         quant_rel = '../_base_/quant' if folder else './_base_/quant'
@@ -174,14 +179,15 @@ def main():
                 base = '.' + base
             for method in METHODS:
                 name = f'{model}_{SHORT[method]}.py'
-                extra = ''
-                if task == 'cls':
-                    extra = f"\nquant = dict(calib=dict(images={n_calib}))   # 32 train images, as the papers\n"
+                extra = ('# 32 calibration images from the train split, the head quantized '
+                         '(the classification defaults)\n' if task == 'cls' else
+                         '# 1 calibration image from train2017, the backbone quantized '
+                         '(the detection defaults)\n')
                 title = METHODS[method][1].split("name='", 1)[1].split("'", 1)[0]
                 write(osp.join(out_dir, name),
                       f"# {desc} + {title}\n"
-                      f"# Generated by tools/gen_configs.py.\n"
-                      f"_base_ = ['{base}', '{quant_rel}/{method}.py']\n{extra}")
+                      f"# Generated by tools/gen_configs.py.\n{extra}"
+                      f"_base_ = ['{base}', '{quant_rel}/{method}.py']\n")
                 rows.append((task, osp.join('configs', folder, name), desc, method))
     return rows
 

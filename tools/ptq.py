@@ -15,6 +15,11 @@ import argparse
 import os
 import os.path as osp
 import sys
+import warnings
+
+# mmengine imports pkg_resources (needed for its `mmdet::` config lookup),
+# which warns on every import; nothing for a user to act on
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
 
 
 def parse_args(argv=None):
@@ -28,7 +33,8 @@ def parse_args(argv=None):
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     parser.add_argument('--calib-images', type=int, default=None,
-                        help='calibration images from the train split (default: config, else 1)')
+                        help='calibration images from the train split (default: the block\'s '
+                             'calib.images, else 32 for a classifier and 1 for a detector)')
     parser.add_argument('--calib-split', default=None, help='split to calibrate on (default train)')
     parser.add_argument('--seed', type=int, default=None, help='seed of the calibration draw')
     parser.add_argument('--skip-fp', action='store_true', help='evaluate only the quantized model')
@@ -36,7 +42,8 @@ def parse_args(argv=None):
     parser.add_argument('--load-quantized', metavar='PATH',
                         help='load a quantized checkpoint instead of calibrating')
     parser.add_argument('--max-eval-images', type=int, default=None,
-                        help='evaluate only the first N images (essential on CPU)')
+                        help='evaluate N images drawn with --seed, spread over the evaluation '
+                             'set (essential on CPU)')
     parser.add_argument('--eval-repeats', type=int, default=1, metavar='K',
                         help='time each evaluation over K passes and report the fastest '
                              '(metrics from the first); steadies time ratios of short evaluations')
@@ -44,6 +51,9 @@ def parse_args(argv=None):
                         help='write profile_fp.txt / profile_quantized.txt (where eval time goes)')
     parser.add_argument('--trust-checkpoint', action='store_true',
                         help='allow a checkpoint holding pickled objects (only files you trust)')
+    parser.add_argument('--verbose', action='store_true',
+                        help="show mmengine's environment, config and hook tables on the console "
+                             '(always in the log file)')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks')
     # intermixed: the optional CHECKPOINT may follow options (dist_ptq.sh puts
     # --launcher first), as long as it precedes --cfg-options
@@ -61,6 +71,22 @@ class DictAction(argparse.Action):
         _DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
 
 
+# (dataloader, loop config, optimizer/evaluator): mmengine's Runner wants each
+# triple all set or all None; ptq.py never trains or validates
+UNUSED_TRIPLES = (('train_dataloader', 'train_cfg', 'optim_wrapper'),
+                  ('val_dataloader', 'val_cfg', 'val_evaluator'))
+
+
+def _drop_partial_triples(cfg):
+    """A test-only config may keep a train split for calibration without
+    ``train_cfg``/``optim_wrapper``; the runner gets none of the three."""
+    for keys in UNUSED_TRIPLES:
+        present = [cfg.get(k) is not None for k in keys]
+        if any(present) and not all(present):
+            for k in keys:
+                cfg[k] = None
+
+
 def build_runner(args):
     from mmengine.config import Config
     from mmengine.model import is_model_wrapper
@@ -68,7 +94,9 @@ def build_runner(args):
 
     import mmvq  # noqa: F401  (registers mmvq.PTQLoop)
     from mmvq.calibration import validate_qcfg
+    from mmvq.calibration.data import config_splits, missing_split_message
     from mmvq.utils import checks
+    from mmvq.utils.console import QuietConsoleRunner
 
     checks.check_config_path(args.config)
     state = None
@@ -85,10 +113,18 @@ def build_runner(args):
         raise checks.UserInputError(f'--eval-repeats must be at least 1, got {args.eval_repeats}')
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         raise checks.UserInputError('--out must name a .pkl or .pickle file')
+    if cfg.get('test_dataloader') is None or cfg.get('test_evaluator') is None:
+        raise checks.UserInputError('the config has no test_dataloader/test_evaluator: ptq.py '
+                                    'evaluates on the test split, as tools/test.py')
     checks.check_dataset(cfg, 'test_dataloader')
+    calib_split = args.calib_split or cfg.quant.get('calib', {}).get('split', 'train')
+    calib_loader = None
     if args.load_quantized is None:
-        checks.check_dataset(cfg, f'{args.calib_split or cfg.quant.get("calib", {}).get("split", "train")}'
-                                  '_dataloader')
+        calib_loader = cfg.get(f'{calib_split}_dataloader')
+        if calib_loader is None:
+            raise checks.UserInputError(missing_split_message(calib_split, config_splits(cfg)))
+        checks.check_dataset(cfg, f'{calib_split}_dataloader')
+        calib_loader = calib_loader.to_dict() if hasattr(calib_loader, 'to_dict') else calib_loader
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:
@@ -100,7 +136,9 @@ def build_runner(args):
                         calib_images=args.calib_images, calib_split=args.calib_split, seed=args.seed,
                         skip_fp=args.skip_fp, save_quantized=args.save_quantized,
                         load_quantized=args.load_quantized, max_eval_images=args.max_eval_images,
-                        profile=args.profile, eval_repeats=args.eval_repeats)
+                        profile=args.profile, eval_repeats=args.eval_repeats,
+                        calib_dataloader=calib_loader)
+    _drop_partial_triples(cfg)
     if args.launcher != 'none':
         import torch
         import torch.distributed as dist
@@ -114,7 +152,7 @@ def build_runner(args):
                                             'tools/dist_ptq.sh (--launcher pytorch)')
             if not dist.is_initialized():
                 dist.init_process_group('gloo')
-    runner = Runner.from_cfg(cfg)
+    runner = (Runner if getattr(args, 'verbose', False) else QuietConsoleRunner).from_cfg(cfg)
     if state is not None:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         checks.check_state_dict_fits(state, model, args.checkpoint)

@@ -1,5 +1,5 @@
 """Backbone adapters (one file per backbone family)."""
-from .base import ADAPTERS, BaseAdapter, Site, generic_sites, register_adapter
+from .base import ADAPTERS, BaseAdapter, Site, generic_sites, model_task, register_adapter
 from .swin import QuantWindowMSA, SwinAdapter
 from .vit import QuantMultiheadAttention, ViTAdapter
 
@@ -14,6 +14,6 @@ def find_adapter(backbone):
                     f'supported by mmvq; supported: {", ".join(supported)}')
 
 
-__all__ = ['ADAPTERS', 'BaseAdapter', 'Site', 'generic_sites', 'register_adapter',
+__all__ = ['ADAPTERS', 'BaseAdapter', 'Site', 'generic_sites', 'model_task', 'register_adapter',
            'find_adapter', 'SwinAdapter', 'ViTAdapter', 'QuantWindowMSA',
            'QuantMultiheadAttention']

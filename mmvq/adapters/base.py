@@ -7,6 +7,7 @@ The converter (:mod:`mmvq.api`) turns roles into quantizer configs from the
 user's quantization config, so methods are expressed per role, never per
 model. Adding a backbone is one adapter file registered in ``ADAPTERS``.
 """
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -49,9 +50,9 @@ class Site:
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
-def linear_site(name, module, input_role):
+def linear_site(name, module, input_role, output_role='linear_output'):
     return Site(name, module, QUANT_WRAPPERS.get(type(module)),
-                dict(input=input_role, weight='linear_weight', output='linear_output'))
+                dict(input=input_role, weight='linear_weight', output=output_role))
 
 
 def conv_site(name, module, input_role='conv_input'):
@@ -122,16 +123,48 @@ class BaseAdapter:
                     yield linear_site(name, module, 'linear_input')
 
 
+TASKS = (('mmpretrain.models.classifiers', 'BaseClassifier', 'classification'),
+         ('mmdet.models.detectors', 'BaseDetector', 'detection'))
+
+
+def model_task(model):
+    """``'classification'`` (mmpretrain classifier), ``'detection'`` (mmdet
+    detector) or ``None`` (anything else: a bare backbone, a custom model)."""
+    for module_name, class_name, task in TASKS:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except Exception:  # noqa: BLE001 - either library is optional
+            continue
+        if isinstance(model, cls):
+            return task
+    return None
+
+
+def _logit_layers(model):
+    """Names of the classifier head's Linears that produce class scores."""
+    head = getattr(model, 'head', None)
+    classes = getattr(head, 'num_classes', None)
+    if not isinstance(head, nn.Module) or classes is None:
+        return set()
+    return {f'head.{n}' for n, m in head.named_modules()
+            if isinstance(m, nn.Linear) and m.out_features == classes}
+
+
 def generic_sites(model, prefix, skip_prefixes):
     """Every Conv2d/Linear outside the backbone (scope ``'model'``).
 
+    Linears under a ``head`` take role ``head_input``; in a classifier, the
+    head Linears that produce the class scores have the output role
+    ``logits`` (FQ-ViT's ``act_out``; float unless a block sets it).
     ``nn.ConvTranspose2d`` (mask upsampling) is not a ``Conv2d`` and stays
     float, as in the public detection pipelines (RepQ-ViT, APHQ-ViT).
     """
+    logits = _logit_layers(model) if model_task(model) == 'classification' else set()
     for name, module in model.named_modules(prefix=prefix):
         if any(name == p or name.startswith(p + '.') for p in skip_prefixes):
             continue
         if isinstance(module, nn.Conv2d):
             yield conv_site(name, module)
         elif isinstance(module, nn.Linear):
-            yield linear_site(name, module, 'head_input' if 'head' in name else 'linear_input')
+            yield linear_site(name, module, 'head_input' if 'head' in name else 'linear_input',
+                              'logits' if name in logits else 'linear_output')

@@ -1,4 +1,5 @@
-"""Calibration samples from the train split, never from the evaluation images."""
+"""Calibration samples (from the train split, never from the evaluation
+images), the task's default calibration size and seeded evaluation subsets."""
 import copy
 
 import torch
@@ -6,6 +7,32 @@ from mmengine.dataset import pseudo_collate
 from mmengine.registry import DATASETS
 
 WRAPPERS = ('RepeatDataset', 'ClassBalancedDataset', 'MultiImageMixDataset')
+
+# calibration images when neither --calib-images nor the block's calib.images
+# says: the papers' protocols (ImageNet: 32 train images for AdaLog, RepQ-ViT,
+# IGQ-ViT; COCO: 1 image for RepQ-ViT, IGQ-ViT, APHQ-ViT)
+DEFAULT_CALIB_IMAGES = dict(classification=32, detection=1)
+FALLBACK_CALIB_IMAGES = 1
+
+
+def calib_images_for(task, cli=None, block=None):
+    """Number of calibration images and where it came from.
+
+    Args:
+        task (str | None): ``'classification'``, ``'detection'`` or None.
+        cli (int | None): ``--calib-images``.
+        block (int | None): the quantization block's ``calib.images``.
+
+    Returns:
+        tuple[int, str]: the number and a phrase naming its source.
+    """
+    if cli is not None:
+        return cli, '--calib-images'
+    if block is not None:
+        return block, 'quant.calib.images'
+    if task in DEFAULT_CALIB_IMAGES:
+        return DEFAULT_CALIB_IMAGES[task], f'the {task} default'
+    return FALLBACK_CALIB_IMAGES, 'the default for an unknown task'
 
 
 def _unwrap(ds_cfg):
@@ -18,23 +45,21 @@ class CalibrationSamples:
     """``n`` images of ``split`` drawn with ``seed``, loaded with the test pipeline.
 
     Indexable; item ``p`` is a collated batch of one image, ready for
-    ``model.test_step``.
+    ``model.test_step``. Only the split's *dataset* config is used (its
+    dataloader's sampler, batch size and workers, and any ``train_cfg`` or
+    ``optim_wrapper``, are not needed).
 
     Args:
-        cfg (Config): the full config (``{split}_dataloader`` and
-            ``test_dataloader`` are read).
+        loader_cfg (dict): the split's dataloader config (``dataset`` is read).
+        pipeline (list): the test pipeline the images are loaded with.
         n (int): number of images.
         seed (int): seed of the draw.
-        split (str): ``'train'`` (default) or ``'val'``.
+        split (str): name of the split, for messages and reports.
     """
 
-    def __init__(self, cfg, n, seed=0, split='train'):
-        key = f'{split}_dataloader'
-        if cfg.get(key) is None:
-            raise ValueError(f'the config has no {key}: calibration needs the {split} split '
-                             f'(or choose another with --calib-split)')
-        ds_cfg = copy.deepcopy(_unwrap(cfg[key]['dataset']))
-        ds_cfg['pipeline'] = copy.deepcopy(cfg.test_dataloader.dataset.pipeline)
+    def __init__(self, loader_cfg, pipeline, n, seed=0, split='train'):
+        ds_cfg = copy.deepcopy(_unwrap(loader_cfg['dataset']))
+        ds_cfg['pipeline'] = copy.deepcopy(pipeline)
         ds_cfg['test_mode'] = True
         if 'filter_cfg' in ds_cfg:
             ds_cfg['filter_cfg'] = None
@@ -50,6 +75,14 @@ class CalibrationSamples:
         self.split = split
         self.seed = seed
 
+    @classmethod
+    def from_config(cls, cfg, n, seed=0, split='train'):
+        """Draw from ``cfg[f'{split}_dataloader']`` with ``cfg``'s test pipeline."""
+        loader = cfg.get(f'{split}_dataloader')
+        if loader is None:
+            raise ValueError(missing_split_message(split, config_splits(cfg)))
+        return cls(loader, cfg.test_dataloader.dataset.pipeline, n, seed, split)
+
     def __len__(self):
         return len(self.indices)
 
@@ -62,3 +95,36 @@ class CalibrationSamples:
             info = self.dataset.get_data_info(i)
             out.append(info.get('img_id', info.get('img_path', i)))
         return out
+
+
+def missing_split_message(split, available=()):
+    """One line for a config without the dataloader calibration draws from.
+
+    Args:
+        split (str): the split asked for.
+        available (Sequence[str]): splits the config does have a dataloader for.
+    """
+    others = [s for s in available if s != split]
+    alt = (f'calibrate on a split the config has with --calib-split {others[0]}' if others else
+           'there is no other split to calibrate on')
+    if split == 'train':
+        return ('the config has no train_dataloader to draw calibration images from: add one '
+                '(its dataset is enough, no train_cfg/optim_wrapper needed) or ' + alt)
+    return f'the config has no {split}_dataloader to draw calibration images from: add one or {alt}'
+
+
+def config_splits(cfg):
+    """Splits with a dataloader in ``cfg`` (``train``, ``val``, ``test``)."""
+    return [s for s in ('train', 'val', 'test') if cfg.get(f'{s}_dataloader') is not None]
+
+
+def spread_subset(total, n, seed=0):
+    """``n`` of ``total`` indices drawn with ``seed``, in dataset order.
+
+    Evaluating the *first* ``n`` images of a folder dataset sorted by class
+    measures one class; a seeded draw spreads over the whole set.
+    """
+    if n >= total:
+        return list(range(total))
+    g = torch.Generator(device='cpu').manual_seed(seed)
+    return sorted(torch.randperm(total, generator=g, device='cpu')[:n].tolist())

@@ -43,19 +43,11 @@ from ..modules.linear import QuantLinear
 from ..modules.matmul import QuantMatMul
 from ..quantizers.adalog import AdaLogQuantizer
 from ..quantizers.uniform import UniformQuantizer, affine_params, fake_quant_affine
+from ..utils.progress import progress_iter
 from .budget import DeviceBudget, model_device
 from .cache import attach_search_cache, detach_search_cache
 
 CHUNK_ELEMS = 1 << 25
-
-
-def progress_iter(items, desc):
-    """tqdm over ``items`` on rank 0 only (plain iteration elsewhere)."""
-    from mmengine.dist import is_main_process
-    if not is_main_process() or len(items) < 2:
-        return items
-    from tqdm import tqdm
-    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _active(q):

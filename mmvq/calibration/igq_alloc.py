@@ -37,9 +37,9 @@ from ..modules.linear import QuantLinear
 from ..modules.matmul import QuantMatMul
 from ..quantizers.igq import IGQQuantizer
 from ..quantizers.uniform import UniformQuantizer
+from ..utils.progress import progress_iter
 from .budget import DeviceBudget, model_device
 from .cache import attach_search_cache, detach_search_cache
-from .fpcs import progress_iter
 
 
 def solve_mckp(costs, losses, budget, resolution=2000):

@@ -14,18 +14,24 @@ import time
 import torch
 from mmengine.dist import get_rank, get_world_size, is_main_process
 from mmengine.model import is_model_wrapper
+from mmengine.registry import DATASETS
 from mmengine.runner.loops import BaseLoop
 
-from ..api import convert, format_summary, iter_quantizers, quant_summary, validate_plan
+from ..adapters import model_task
+from ..api import (convert, format_summary, iter_quantizers, quant_summary, resolve_scope,
+                   validate_plan)
 from ..checkpoint import atomic_write_text, file_sha256, load_quantized, save_quantized
 from ..registry import LOOPS
 from ..quantizers.exact import integer_dtype
 from ..utils import collect_env
 from ..utils.env import device_report
+from ..utils.load import MachineLoad
 from ..utils.memory import PeakRSS, release_memory
+from ..utils.progress import progress_bar
 from ..utils.profiling import profile_to
 from .budget import model_device
-from .data import CalibrationSamples
+from .data import (CalibrationSamples, calib_images_for, config_splits, missing_split_message,
+                   spread_subset)
 from .driver import run_calibration
 from .fpcs import make_search
 
@@ -43,13 +49,6 @@ def validate_qcfg(qcfg):
                          f'{sorted(QCFG_KEYS)}')
 
 
-def _progress(total, desc):
-    if not is_main_process():
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
 @LOOPS.register_module()
 class PTQLoop(BaseLoop):
     """Post-training quantization test loop.
@@ -61,13 +60,21 @@ class PTQLoop(BaseLoop):
         quant (dict): quantization block (``roles``, ``scope``, ``searches``,
             ``calib`` ...); see :mod:`mmvq.api`.
         calib_images (int | None): calibration images (default: the block's
-            ``calib.images``, else 1 for detection-style configs).
+            ``calib.images``, else the task's: 32 for a classifier, 1 for a
+            detector, as the papers).
         calib_split (str | None): split to calibrate on (default ``'train'``).
-        seed (int | None): seed of the calibration draw.
+        calib_dataloader (dict | None): that split's dataloader config (only
+            its ``dataset`` is used); default ``cfg[f'{calib_split}_dataloader']``.
+            ``tools/ptq.py`` passes it so that a test-only config (no
+            ``train_cfg``/``optim_wrapper``) can calibrate on its train split.
+        seed (int | None): seed of the calibration draw and of the
+            ``max_eval_images`` subset.
         skip_fp (bool): evaluate only the quantized model.
         save_quantized (str | None): write the quantized checkpoint here.
         load_quantized (str | None): skip calibration, load this checkpoint.
-        max_eval_images (int | None): evaluate the first N images only.
+        max_eval_images (int | None): evaluate N images drawn with ``seed``
+            and spread over the evaluation set (kept in dataset order; their
+            indices go to ``results.json``).
         profile (bool): profile both evaluations (torch.profiler, mmvq modules
             labelled) into ``profile_fp.txt`` / ``profile_quantized.txt``;
             their timings then include the profiler's overhead.
@@ -81,24 +88,23 @@ class PTQLoop(BaseLoop):
     def __init__(self, runner, dataloader, evaluator, quant=None, calib_images=None,
                  calib_split=None, seed=None, skip_fp=False, save_quantized=None,
                  load_quantized=None, max_eval_images=None, checkpoint=None, profile=False,
-                 eval_repeats=1):
+                 eval_repeats=1, calib_dataloader=None):
         validate_qcfg(quant)
         if not isinstance(eval_repeats, int) or eval_repeats < 1:
             raise ValueError(f'--eval-repeats must be a positive integer, got {eval_repeats!r}')
         self.eval_repeats = eval_repeats
         self.qcfg = copy.deepcopy(dict(quant))
         calib = dict(self.qcfg.get('calib', {}))
-        self.calib_images = calib_images if calib_images is not None else calib.get('images', 1)
         self.calib_split = calib_split or calib.get('split', 'train')
         self.seed = seed if seed is not None else calib.get('seed', 0)
         self.max_eval_images = max_eval_images
+        self.eval_subset = None
         self.profile = profile
         if max_eval_images is not None:
             if max_eval_images < 1:
                 raise ValueError(f'--max-eval-images must be positive, got {max_eval_images}')
             if isinstance(dataloader, dict):
-                dataloader = copy.deepcopy(dataloader)
-                dataloader['dataset']['indices'] = max_eval_images
+                dataloader = self._spread_eval_subset(dataloader, max_eval_images)
         super().__init__(runner, dataloader)
         if isinstance(evaluator, (dict, list)):
             self.evaluator = runner.build_evaluator(evaluator)
@@ -116,11 +122,41 @@ class PTQLoop(BaseLoop):
         self.searches = [make_search(s) for s in self.qcfg.get('searches', [])]
         # fail fast, before any evaluation: the quantization block must fit the
         # model and the calibration split must hold enough images
-        validate_plan(self._model(), self.qcfg)
+        model = self._model()
+        self.task = model_task(model)
+        self.scope = resolve_scope(model, self.qcfg.get('scope', 'auto'))
+        validate_plan(model, self.qcfg)
+        self.calib_images, self.calib_source = calib_images_for(self.task, calib_images,
+                                                                calib.get('images'))
         self.calib_samples = None
         if not load_quantized:
-            self.calib_samples = CalibrationSamples(self.runner.cfg, self.calib_images, self.seed,
+            loader = calib_dataloader or self.runner.cfg.get(f'{self.calib_split}_dataloader')
+            if loader is None:
+                raise ValueError(missing_split_message(self.calib_split,
+                                                      config_splits(self.runner.cfg)))
+            self.calib_samples = CalibrationSamples(loader, self.runner.cfg.test_dataloader.dataset
+                                                    .pipeline, self.calib_images, self.seed,
                                                     self.calib_split)
+            self.runner.logger.info(
+                f'[mmvq] calibration: {self.calib_images} images of the {self.calib_split} split, '
+                f'seed {self.seed} ({self.calib_source}); scope {self.scope}')
+
+    def _spread_eval_subset(self, dataloader, n):
+        """Evaluate ``n`` images drawn with the seed, spread over the dataset."""
+        dataloader = copy.deepcopy(dataloader)
+        dataset = dataloader['dataset']
+        if isinstance(dataset, dict):
+            dataset = DATASETS.build(dataset)
+        if not hasattr(dataset, 'get_subset_'):
+            raise ValueError(f'--max-eval-images needs an mmengine BaseDataset; '
+                             f'{type(dataset).__name__} has no get_subset_')
+        total = len(dataset)
+        indices = spread_subset(total, n, self.seed)
+        dataset.get_subset_(indices)
+        dataloader['dataset'] = dataset
+        self.eval_subset = dict(images=len(indices), of=total, seed=self.seed,
+                                indices=indices)
+        return dataloader
 
     def _restrict_metrics(self):
         """COCO metrics evaluate every annotated image unless told the subset."""
@@ -146,7 +182,7 @@ class PTQLoop(BaseLoop):
         # steady state with steady state
         self.runner.model.test_step(next(iter(self.dataloader)))
         release_memory()          # both phases start from the memory they hold, not glibc's leftovers
-        bar = _progress(len(self.dataloader), f'eval {tag}')
+        bar = progress_bar(len(self.dataloader), f'eval {tag}')
         prof = contextlib.nullcontext()
         if self.profile and is_main_process():
             prof = profile_to(self._model(), osp.join(self.runner.work_dir,
@@ -158,7 +194,7 @@ class PTQLoop(BaseLoop):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             cuda_start = torch.cuda.memory_allocated()
-        with PeakRSS() as mem, prof:
+        with PeakRSS() as mem, MachineLoad() as load, prof:
             t0 = time.perf_counter()
             for idx, data_batch in enumerate(self.dataloader):
                 self.runner.call_hook('before_test_iter', batch_idx=idx, data_batch=data_batch)
@@ -179,6 +215,12 @@ class PTQLoop(BaseLoop):
         elapsed = min(passes)
         self._passes[tag] = passes
         self._memory[tag] = mem.as_dict()
+        self._load[tag] = load.as_dict()
+        if load.busy:
+            self.runner.logger.warning(
+                f'[mmvq] the machine was busy during the {tag} evaluation ({load.describe()}): '
+                'its time, and the quantized/FP time ratio, are not reliable; re-run on a quiet '
+                'machine to compare times')
         if cuda:
             self._memory[tag].update(cuda_start_mb=round(cuda_start / 2**20, 1),
                                      cuda_peak_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1))
@@ -193,7 +235,7 @@ class PTQLoop(BaseLoop):
     def _calibrate(self, model):
         samples = self.calib_samples
         rank, world = get_rank(), get_world_size()
-        bar = _progress(len(range(rank, len(samples), world)), 'calibrate')
+        bar = progress_bar(len(range(rank, len(samples), world)), 'calibrate')
 
         def forward(m, batch):
             return self.runner.model.test_step(batch)
@@ -208,9 +250,10 @@ class PTQLoop(BaseLoop):
 
     def run(self):
         self.runner.call_hook('before_test')
+        self.runner.logger.info(f'[mmvq] full log (environment, config): {self.runner.log_dir}')
         model = self._model()
         record = dict(fp=None, quantized=None, eval_time={}, calibration={})
-        self._memory, self._passes = {}, {}
+        self._memory, self._passes, self._load = {}, {}, {}
         if not self.skip_fp:
             record['fp'], record['eval_time']['fp'] = self._evaluate('FP')
         t0 = time.perf_counter()
@@ -220,7 +263,8 @@ class PTQLoop(BaseLoop):
         else:
             convert(model, self.qcfg)
             samples, times = self._calibrate(model)
-            record['calibration'] = dict(images=len(samples), split=samples.split, seed=samples.seed,
+            record['calibration'] = dict(images=len(samples), images_from=self.calib_source,
+                                         split=samples.split, seed=samples.seed,
                                          image_ids=samples.image_ids(), stage_times=times,
                                          searches={s.name: getattr(s, 'report', {})
                                                    for s in self.searches},
@@ -239,7 +283,9 @@ class PTQLoop(BaseLoop):
             self.runner.logger.info(f'[mmvq] quantized checkpoint written to {self.save_quantized}')
         record['quantized'], record['eval_time']['quantized'] = self._evaluate('quantized')
         if is_main_process():
-            self._write_results(record, summary, model)
+            results = self._write_results(record, summary, model)
+            for line in self._console_summary(results):
+                self.runner.logger.info(line)
         self.runner.call_hook('after_test')
         return record['quantized']
 
@@ -254,6 +300,10 @@ class PTQLoop(BaseLoop):
         fp, q = record['fp'] or {}, record['quantized'] or {}
         delta = {k: q[k] - fp[k] for k in q if k in fp and isinstance(q[k], (int, float))}
         device = model_device(model)
+        times = record['eval_time']
+        ratio = times['quantized'] / times['fp'] if times.get('fp') else None
+        # a ratio taken while other processes used the CPUs measures them
+        reliable = not any(load.get('busy') for load in self._load.values())
         kinds = {}
         for row in quant_summary(model):
             kinds.setdefault(row['kind'], set()).add(row['bits'])
@@ -262,13 +312,15 @@ class PTQLoop(BaseLoop):
             checkpoint_sha256=file_sha256(ckpt) if ckpt and osp.isfile(ckpt) else None,
             method=self.qcfg.get('name', 'unnamed'),
             bits={k: sorted(v) for k, v in kinds.items()},
-            quant=self.qcfg, scope=self.qcfg.get('scope', 'backbone'),
+            quant=self.qcfg, task=self.task, scope=self.scope,
             metrics=dict(fp=fp or None, quantized=q, delta=delta or None),
-            eval_images=n_eval,
+            eval_images=n_eval, eval_subset=self.eval_subset,
             eval_time=dict(total=record['eval_time'],
                            per_image={k: v / max(1, n_eval) for k, v in record['eval_time'].items()},
+                           quantized_vs_fp=ratio, reliable=reliable,
                            repeats=self.eval_repeats,
-                           passes={k.lower(): v for k, v in self._passes.items()}),
+                           passes={k.lower(): v for k, v in self._passes.items()},
+                           load={k.lower(): v for k, v in self._load.items()}),
             calibration=record['calibration'], profiled=self.profile,
             device=dict(device_report(device),
                         integer_dtype=str(integer_dtype(device)).replace('torch.', '')),
@@ -279,6 +331,24 @@ class PTQLoop(BaseLoop):
                           osp.join(work_dir, 'results.json'))
         atomic_write_text(self._markdown(results, summary), osp.join(work_dir, 'results.md'))
         self.runner.logger.info(f'[mmvq] results written to {work_dir}/results.json and results.md')
+        return results
+
+    @staticmethod
+    def _console_summary(r):
+        """The lines a user reads first: metrics FP -> quantized, time ratio."""
+        m = r['metrics']
+        fp, q = m['fp'] or {}, m['quantized'] or {}
+        lines = []
+        for k, v in q.items():
+            if isinstance(v, (int, float)):
+                lines.append(f'[mmvq] {k}: ' + (f'FP {fp[k]:.4g} -> quantized {v:.4g} '
+                                                 f'({v - fp[k]:+.4g})' if k in fp else
+                                                 f'quantized {v:.4g}'))
+        t = r['eval_time']
+        if t['quantized_vs_fp'] is not None:
+            lines.append(f'[mmvq] evaluation time per image: quantized {t["quantized_vs_fp"]:.2f}x FP'
+                         + ('' if t['reliable'] else ' (timed on a busy machine: not reliable)'))
+        return lines
 
     @staticmethod
     def _markdown(r, summary):
@@ -294,7 +364,11 @@ class PTQLoop(BaseLoop):
                  f'{r["calibration"]["wall_time"]:.1f} s',
                  f'- evaluation: {r["eval_images"]} images; per image FP '
                  f'{r["eval_time"]["per_image"].get("fp", float("nan")):.3f} s, quantized '
-                 f'{r["eval_time"]["per_image"]["quantized"]:.3f} s', '',
+                 f'{r["eval_time"]["per_image"]["quantized"]:.3f} s'
+                 + ('' if r['eval_time']['quantized_vs_fp'] is None else
+                    f' ({r["eval_time"]["quantized_vs_fp"]:.2f}x FP'
+                    + ('' if r['eval_time']['reliable'] else ', timed on a busy machine') + ')'),
+                 '',
                  '| metric | FP | quantized | delta |', '|---|---|---|---|']
         for k, v in q.items():
             if isinstance(v, (int, float)):

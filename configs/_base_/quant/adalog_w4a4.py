@@ -6,7 +6,7 @@
 custom_imports = dict(imports=['mmvq'], allow_failed_imports=False)
 quant = dict(
     name='AdaLog W4A4 (FPCS)',
-    scope='backbone',
+    scope='auto',   # a classifier whole (head included), a detector's backbone
     roles=dict(
         weight=dict(type='mmvq.UniformQuantizer', bits=4, symmetric=False, granularity='channel', ch_axis=0),
         act=dict(type='mmvq.UniformQuantizer', bits=4),
@@ -17,5 +17,5 @@ quant = dict(
         attn_probs=dict(type='mmvq.AdaLogQuantizer', bits=4, fixed_scale=1.0),
         fc2_input=dict(type='mmvq.AdaLogQuantizer', bits=4, shift=0.16997124254703522)),
     searches=[dict(type='fpcs')],
-    calib=dict(images=1, split='train', seed=0),
+    calib=dict(split='train', seed=0),
 )

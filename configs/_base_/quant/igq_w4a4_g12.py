@@ -5,7 +5,7 @@
 custom_imports = dict(imports=['mmvq'], allow_failed_imports=False)
 quant = dict(
     name='IGQ-ViT W4A4 (G=12 average, allocated)',
-    scope='backbone',
+    scope='auto',   # a classifier whole (head included), a detector's backbone
     roles=dict(
         weight=dict(type='mmvq.UniformQuantizer', bits=4, symmetric=True, granularity='channel', ch_axis=0),
         act=dict(type='mmvq.UniformQuantizer', bits=4),
@@ -13,5 +13,5 @@ quant = dict(
         attn_probs=dict(type='mmvq.IGQQuantizer', bits=4, num_groups=12, unit='row'),
         patch_embed_input=dict(type='mmvq.UniformQuantizer', bits=8)),
     searches=[dict(type='igq_allocation', candidates=(4, 8, 12, 16), budget_groups=12)],
-    calib=dict(images=1, split='train', seed=0),
+    calib=dict(split='train', seed=0),
 )

@@ -5,7 +5,7 @@
 custom_imports = dict(imports=['mmvq'], allow_failed_imports=False)
 quant = dict(
     name='IGQ-ViT W6A6 (G=8 average, allocated)',
-    scope='backbone',
+    scope='auto',   # a classifier whole (head included), a detector's backbone
     roles=dict(
         weight=dict(type='mmvq.UniformQuantizer', bits=6, symmetric=True, granularity='channel', ch_axis=0),
         act=dict(type='mmvq.UniformQuantizer', bits=6),
@@ -13,5 +13,5 @@ quant = dict(
         attn_probs=dict(type='mmvq.IGQQuantizer', bits=6, num_groups=8, unit='row'),
         patch_embed_input=dict(type='mmvq.UniformQuantizer', bits=8)),
     searches=[dict(type='igq_allocation', candidates=(4, 8, 12, 16), budget_groups=8)],
-    calib=dict(images=1, split='train', seed=0),
+    calib=dict(split='train', seed=0),
 )

@@ -4,8 +4,8 @@
 custom_imports = dict(imports=['mmvq'], allow_failed_imports=False)
 quant = dict(
     name='Uniform W8A8 (min-max)',
-    scope='backbone',
+    scope='auto',   # a classifier whole (head included), a detector's backbone
     roles=dict(weight=dict(type='mmvq.UniformQuantizer', bits=8, symmetric=True, granularity='channel', ch_axis=0),
                act=dict(type='mmvq.UniformQuantizer', bits=8)),
-    calib=dict(images=1, split='train', seed=0),
+    calib=dict(split='train', seed=0),
 )

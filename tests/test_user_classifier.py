@@ -1,0 +1,127 @@
+"""A user's own classifier, first try: their model config + a block, test-only.
+
+The user writes an mmpretrain config the way they evaluate (a ViT, image
+folders read by ``CustomDataset`` sorted by class, a test split and a train
+split for calibration, but no ``train_cfg``/``optim_wrapper``), adds one of
+mmvq's quantization blocks as a second ``_base_`` and runs ``tools/ptq.py``.
+The classifier is the project's trained tiny ViT; the images are the first
+Fashion-MNIST images shipped in ``tests/data/fashion_mnist_mini`` (64 train,
+300 test, in class folders).
+"""
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONFIGS, ROOT
+
+DATA = osp.join(ROOT, 'tests', 'data', 'fashion_mnist_mini')
+CKPT = osp.join(ROOT, 'benchmarks', 'checkpoints', 'tiny_vit_cls.pth')
+
+USER_MODEL = """
+default_scope = 'mmpretrain'
+model = dict(
+    type='ImageClassifier',
+    data_preprocessor=dict(num_classes=10, mean=[72.9] * 3, std=[90.0] * 3, to_rgb=True),
+    backbone=dict(type='VisionTransformer',
+                  arch=dict(embed_dims=96, num_layers=6, num_heads=3, feedforward_channels=384),
+                  img_size=28, patch_size=4),
+    neck=None,
+    head=dict(type='VisionTransformerClsHead', num_classes=10, in_channels=96))
+pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
+test_dataloader = dict(
+    batch_size=50, num_workers=0, sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(type='CustomDataset', data_root={root!r}, data_prefix='val', pipeline=pipeline))
+test_evaluator = dict(type='Accuracy', topk=(1, ))
+test_cfg = dict()
+"""
+TRAIN_SPLIT = """
+train_dataloader = dict(
+    batch_size=64, num_workers=0, sampler=dict(type='DefaultSampler', shuffle=True),
+    dataset=dict(type='CustomDataset', data_root={root!r}, data_prefix='train',
+                 pipeline=pipeline))
+"""
+
+
+def user_config(tmp_path, block, train_split=True):
+    model = tmp_path / 'my_vit.py'
+    model.write_text(USER_MODEL.format(root=DATA) + (TRAIN_SPLIT.format(root=DATA)
+                                                     if train_split else ''))
+    cfg = tmp_path / f'my_vit_{block}.py'
+    cfg.write_text(f"_base_ = ['./my_vit.py', "
+                   f"'{osp.join(CONFIGS, '_base_', 'quant', block + '.py')}']\n")
+    return str(cfg)
+
+
+def ptq(*args):
+    return subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'ptq.py'), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_user_test_only_classifier_config_end_to_end(tmp_path):
+    cfg = user_config(tmp_path, 'fqvit_w8a8_attn4')
+    wd = tmp_path / 'wd'
+    proc = ptq(cfg, CKPT, '--work-dir', wd, '--max-eval-images', 100)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    res = json.loads((wd / 'results.json').read_text())
+    # 32 train images by default for a classifier, and the console says so
+    assert res['task'] == 'classification' and res['scope'] == 'model'
+    calib = res['calibration']
+    assert calib['images'] == 32 and calib['images_from'] == 'the classification default'
+    assert calib['split'] == 'train' and len(set(calib['image_ids'])) == 32
+    assert '[mmvq] calibration: 32 images of the train split' in proc.stdout
+    # the head is quantized as FQ-ViT does: int8 weights, uint8 input, uint8 logits
+    rows = {tuple(line.split()[:2]): line.split()
+            for line in (wd / 'quant_summary.txt').read_text().splitlines()[2:-1]}
+    for slot in ('weight', 'input', 'output'):
+        kind, bits = rows[('head.layers.head', slot)][2:4]
+        assert (kind, bits) == ('uniform', '8'), (slot, kind, bits)
+    # a seeded subset spread over the class-sorted folders, not the first 100
+    sub = res['eval_subset']
+    assert sub['images'] == 100 and sub['of'] == 300 and sub['seed'] == 0
+    idx = sub['indices']
+    assert idx == sorted(idx) and len(set(idx)) == 100 and idx[-1] > 250
+    from mmpretrain.datasets import CustomDataset
+    labels = [int(d['gt_label']) for d in
+              CustomDataset(data_root=DATA, data_prefix='val', pipeline=[]).load_data_list()]
+    assert labels == sorted(labels)                          # class-sorted, as on disk
+    assert len({labels[i] for i in idx}) == 10               # every class evaluated
+    assert len({labels[i] for i in range(100)}) <= 4         # what "first 100" would have been
+    fp = res['metrics']['fp']['accuracy/top1']
+    q = res['metrics']['quantized']['accuracy/top1']
+    assert 70.0 < fp <= 100.0 and abs(q - fp) <= 4.0
+    assert res['eval_images'] == 100
+    # timing with its load record and the ratio
+    t = res['eval_time']
+    assert t['quantized_vs_fp'] == pytest.approx(t['total']['quantized'] / t['total']['fp'])
+    for phase in ('fp', 'quantized'):
+        load = t['load'][phase]
+        assert load['cpus'] >= 1 and load['wall_s'] > 0 and load['process_cpu_s'] > 0
+        assert isinstance(load['busy'], bool)
+    assert t['reliable'] == (not any(t['load'][p]['busy'] for p in ('fp', 'quantized')))
+    # a quiet console: no torch build dump, config or hook tables, no progress bars
+    out = proc.stdout + proc.stderr
+    for noise in ('PyTorch compiling details', 'Hooks will be executed', 'pkg_resources',
+                  'optim_wrapper', '\r'):
+        assert noise not in out, noise
+    assert '[mmvq] accuracy/top1: FP' in proc.stdout
+    logs = list(wd.glob('*/*.log'))
+    assert len(logs) == 1 and 'PyTorch compiling details' in logs[0].read_text()
+
+
+def test_user_config_without_train_split_names_the_fix(tmp_path):
+    cfg = user_config(tmp_path, 'uniform_w8a8', train_split=False)
+    proc = ptq(cfg, CKPT, '--work-dir', tmp_path / 'wd', '--max-eval-images', 20)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('ptq.py: error: the config has no train_dataloader')
+    assert '--calib-split test' in err[0]
+    # and that way works, calibrating on (other) test images
+    proc = ptq(cfg, CKPT, '--work-dir', tmp_path / 'wd2', '--max-eval-images', 20,
+               '--calib-split', 'test', '--calib-images', 8, '--skip-fp')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / 'wd2' / 'results.json').read_text())
+    assert res['calibration']['split'] == 'test' and res['calibration']['images'] == 8
+    assert res['calibration']['images_from'] == '--calib-images'
