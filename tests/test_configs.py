@@ -40,11 +40,23 @@ def _quantize_and_run(model, batch, forward):
         return forward(model, batch)
 
 
-def _check_quant_block(cfg):
+def _check_quant_block(cfg, task):
     from mmvq.calibration import validate_qcfg
+    from mmvq.calibration.data import calib_images_for
     validate_qcfg(cfg.quant)
-    assert cfg.quant.calib.split == 'train'
+    assert cfg.quant.calib.split == 'train' and cfg.quant['scope'] == 'auto'
     assert cfg.custom_imports.imports == ['mmvq']
+    # the number of calibration images is the task's: 32 ImageNet / 1 COCO image
+    assert 'images' not in cfg.quant.calib
+    assert calib_images_for(task, None, None)[0] == dict(classification=32, detection=1)[task]
+
+
+def _scopes(model):
+    """Top-level modules holding quantizers -> set of their quantized slots."""
+    out = {}
+    for r in mmvq.quant_summary(model):
+        out.setdefault(r['module'].split('.')[0], set()).add(r['slot'])
+    return out
 
 
 @pytest.mark.parametrize('path', DET, ids=lambda p: osp.basename(p)[:-3])
@@ -52,8 +64,7 @@ def test_detection_config(path, coco_image):
     from mmdet.apis import inference_detector, init_detector
     from mmengine.config import Config
     cfg = Config.fromfile(path)
-    _check_quant_block(cfg)
-    assert cfg.quant.calib.images == 1
+    _check_quant_block(cfg, 'detection')
     assert cfg.test_dataloader.dataset.data_root == 'data/coco/'
     assert cfg.train_dataloader.dataset.ann_file == 'annotations/instances_train2017.json' \
         or cfg.train_dataloader.dataset.get('dataset', {}).get('ann_file') == \
@@ -69,6 +80,7 @@ def test_detection_config(path, coco_image):
     result = _quantize_and_run(model, coco_image, lambda m, img: inference_detector(m, img))
     assert result.pred_instances.bboxes.shape[1] == 4
     assert len(mmvq.quant_summary(model)) > 50
+    assert set(_scopes(model)) == {'backbone'}            # auto scope: a detector's backbone
 
 
 @pytest.mark.parametrize('path', CLS, ids=lambda p: osp.basename(p)[:-3])
@@ -77,10 +89,13 @@ def test_classification_config(path, coco_image):
 
     from test_adapters_mmpretrain import build_from_cfg, image_batch
     cfg = Config.fromfile(path)
-    _check_quant_block(cfg)
-    assert cfg.quant.calib.images == 32
+    _check_quant_block(cfg, 'classification')
     assert cfg.train_dataloader.dataset.split == 'train'
     model = build_from_cfg(cfg)
     model.cfg_quant = cfg.quant.to_dict()
     logits = _quantize_and_run(model, image_batch(coco_image), lambda m, x: m(x, mode='tensor'))
     assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
+    # auto scope: a classifier whole, its head's weight and input as the papers;
+    # FQ-ViT also quantizes the logits (act_out)
+    head = {'weight', 'input'} | ({'output'} if '_fqvit' in path else set())
+    assert _scopes(model) == {'backbone': _scopes(model)['backbone'], 'head': head}

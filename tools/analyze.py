@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument('--trust-checkpoint', action='store_true')
     p.add_argument('--verbose', action='store_true', help="mmengine's tables on the console too")
     p.add_argument('--debug', action='store_true')
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)     # CHECKPOINT may follow options, as in ptq.py
     # fields tools/ptq.py's runner builder reads
     args.launcher, args.local_rank, args.out = 'none', 0, None
     args.calib_split, args.skip_fp, args.save_quantized = None, True, None
