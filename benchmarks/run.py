@@ -49,6 +49,8 @@ MODELS = dict(
 METHODS = ('uniform_w8a8', 'uniform_w6a6', 'uniform_w4a4', 'fqvit_w8a8_attn4', 'adalog_w3a3',
            'adalog_w4a4', 'adalog_w6a6', 'igq_w4a4_g8', 'igq_w6a6_g8', 'mixed_w4a4')
 TARGETS = dict(eval_ratio=1.3, calib_s=120.0, w6_drop=1.0)
+SCOPE_TEXT = dict(model='whole model quantized (a classifier\'s head included, as the papers)',
+                  backbone='backbone quantized (neck and heads float)')
 
 
 def write_config(work_dir, model, method, spec, data_root):
@@ -113,6 +115,7 @@ def row_of(model, method, spec, res):
                eval_repeats=res['eval_time'].get('repeats', 1),
                stage_times=calib.get('stage_times'),
                eval_fp_s=pi['fp'], eval_q_s=pi['quantized'], eval_ratio=pi['quantized'] / pi['fp'],
+               eval_reliable=res['eval_time'].get('reliable', True), scope=res.get('scope'),
                mem_fp_mb=mem.get('fp', {}).get('peak_mb'),
                mem_q_mb=mem.get('quantized', {}).get('peak_mb'),
                eval_images=res['eval_images'], command=res['_command'], wall_s=res['_wall'])
@@ -157,7 +160,8 @@ def markdown(rows, meta):
         labs = [lab for _, lab in spec['metrics']]
         out += [f'## {spec["title"]}', '',
                 f'{mrows[0]["eval_images"]} eval images, {mrows[0]["calib_images"]} calibration '
-                f'images (train split); FP eval {mrows[0]["eval_fp_s"] * 1e3:.2f} ms/image'
+                f'images (train split), {SCOPE_TEXT.get(mrows[0]["scope"], mrows[0]["scope"])}; '
+                f'FP eval {mrows[0]["eval_fp_s"] * 1e3:.2f} ms/image'
                 + (f' (fastest of {mrows[0]["eval_repeats"]} passes, as every eval time here)'
                    if mrows[0]['eval_repeats'] > 1 else '') + '.', '',
                 '| method | ' + ' | '.join(labs) + ' | ' + ' | '.join(f'Δ {lab}' for lab in labs)
@@ -170,13 +174,17 @@ def markdown(rows, meta):
             mem = f'{r["mem_ratio"]:.2f}x' if r['mem_ratio'] else 'n/a'
             out.append(f'| {r["name"]} | ' + ' | '.join(f'{r["quant"][lab]:.1f}' for lab in labs)
                        + ' | ' + ' | '.join(f'{r["delta"][lab]:+.1f}' for lab in labs)
-                       + f' | {r["calib_s"]:.1f} | {r["eval_ratio"]:.2f}x | {mem} | '
+                       + f' | {r["calib_s"]:.1f} | {r["eval_ratio"]:.2f}x'
+                       + ('' if r['eval_reliable'] else ' †') + f' | {mem} | '
                        + ('✗ ' + '; '.join(r['missed']) if r['missed'] else '✓') + ' |')
         out.append('')
     out += ['Targets: quantized eval ≤ 1.3x FP per image; FPCS / IGQ-allocation calibration of the '
             'tiny detector ≤ 120 s; W6A6 within 1 point of FP; at W4A4 AdaLog and IGQ above '
             'uniform. Eval time and peak RSS ratios compare the quantized and FP evaluations '
-            'of the same process.', '']
+            'of the same process.'
+            + (' † timed while other processes kept the CPUs busy (`results.json` '
+               '`eval_time.load`): that ratio is not reliable.'
+               if any(not r['eval_reliable'] for r in rows) else ''), '']
     return '\n'.join(out)
 
 
@@ -202,7 +210,8 @@ def main(argv=None):
     p.add_argument('--methods', nargs='+', choices=METHODS, default=list(METHODS))
     p.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs', 'benchmark'))
     p.add_argument('--max-eval-images', type=int, default=None,
-                   help='evaluate the first N held-out images (default: all)')
+                   help='evaluate N held-out images, a seeded subset spread over the set '
+                        '(default: all)')
     p.add_argument('--calib-images', type=int, default=None,
                    help='calibration images (default: det 4, cls 32)')
     p.add_argument('--eval-repeats', type=int, default=None, metavar='K',

@@ -48,6 +48,7 @@ def test_benchmark_one_method_few_images(tmp_path):
     assert row['fp']['box AP'] > 40.0 and row['fp']['mask AP'] > 30.0
     assert abs(row['delta']['box AP']) < 5.0
     assert row['eval_ratio'] > 0 and row['mem_fp_mb'] > 100 and row['mem_q_mb'] > 100
+    assert isinstance(row['eval_reliable'], bool) and row['scope'] == 'backbone'
     # eval times are the fastest of the timed passes; metrics come from the first
     res = json.loads((wd / 'det' / 'uniform_w8a8' / 'results.json').read_text())
     assert res['eval_time']['repeats'] == 2 and row['eval_repeats'] == 2
