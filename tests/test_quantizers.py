@@ -332,6 +332,26 @@ def test_igq_groups_by_range_and_assigns_per_instance():
     assert err[0, :, :4].max() < 0.05
 
 
+@pytest.mark.parametrize('shape', [(12, 16), (6, 5, 16), (4, 16, 3, 3)])
+def test_igq_prediction_never_depends_on_the_rest_of_the_batch(shape):
+    """Each sample (a row of a 2-D head input, a batch element otherwise) is
+    its own instance: quantized alone or inside a batch, the same values.
+    (A 2-D input used to be one instance: on a class-sorted test set the
+    classifier head then shared ranges within a batch of one class.)"""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g) * torch.exp(torch.randn(16, generator=g)).reshape(
+        (16, 1, 1) if len(shape) == 4 else (16, ))
+    q = calibrated(IGQQuantizer(bits=4, num_groups=4), x)
+    whole = q(x)
+    alone = torch.cat([q(x[i:i + 1]) for i in range(shape[0])])
+    assert torch.equal(whole, alone)
+    assert not torch.equal(whole, x)
+    if len(shape) == 2:            # a row's groups follow its own values
+        from mmvq.quantizers.igq import unit_ranges
+        view, mins, maxs, _ = unit_ranges(x, 'channel')
+        assert view.shape == (12, 16, 1) and torch.equal(mins, x) and torch.equal(maxs, x)
+
+
 def test_igq_error_between_uniform_and_per_channel_and_rows():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 50, 32, generator=g) * torch.exp(2 * torch.randn(32, generator=g))

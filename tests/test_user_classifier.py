@@ -125,3 +125,38 @@ def test_user_config_without_train_split_names_the_fix(tmp_path):
     res = json.loads((tmp_path / 'wd2' / 'results.json').read_text())
     assert res['calibration']['split'] == 'test' and res['calibration']['images'] == 8
     assert res['calibration']['images_from'] == '--calib-images'
+
+
+@pytest.mark.parametrize('block', ['igq_w4a4_g8', 'fqvit_w8a8_attn4'])
+def test_quantized_classifier_predictions_do_not_depend_on_the_batch(block, tmp_path):
+    """A quantized classifier scores each image on its own: batches of one
+    class (a class-sorted folder) must not share anything (IGQ's dynamic
+    groups included). Trained tiny ViT, head quantized, real images."""
+    import glob
+
+    import mmcv
+    import torch
+    from mmengine.config import Config
+
+    import mmvq
+    from test_adapters_mmpretrain import build_from_cfg
+    cfg = Config.fromfile(user_config(tmp_path, block))
+    model = build_from_cfg(cfg)
+    model.load_state_dict(torch.load(CKPT, weights_only=True)['state_dict'])
+    files = sorted(glob.glob(osp.join(DATA, 'val', '*', '*.png')))
+
+    def batch(paths):
+        x = torch.stack([torch.from_numpy(mmcv.imread(p, channel_order='rgb')).permute(2, 0, 1)
+                         for p in paths]).float()
+        return (x - 72.9) / 90.0
+
+    calib = [batch(files[i:i + 1]) for i in range(0, 300, 37)]
+    mmvq.quantize(model, cfg.quant.to_dict(), calib, lambda m, x: m(x, mode='tensor'))
+    same_class = batch(files[:16])                       # the first class folder
+    with torch.no_grad():
+        together = model(same_class, mode='tensor')
+        alone = torch.cat([model(same_class[i:i + 1], mode='tensor') for i in range(16)])
+    assert torch.equal(together.argmax(1), alone.argmax(1))
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+    assert any(n.startswith('head.') for n, _ in mmvq.iter_quantizers(model))
+

@@ -52,10 +52,16 @@ class SearchCache(KeyedObserver):
         exp = _Step.expected
         if self.kind == 'linear':
             x = inputs[0].detach().float()
-            x3 = x.reshape(1, -1, x.shape[-1]) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1])
             ntok = x3.shape[0] * x3.shape[1]
-            x3 = x3[::_stride(x3.shape[0], self.max_instances)]
-            x3 = x3[:, ::_stride(x3.shape[1], _share(_share(self.max_tokens, exp), x3.shape[0]))]
+            if x.dim() == 2:
+                # rows are instances of one token (IGQ's view of a head or an
+                # RoI FC input): thin them by the token budget
+                x3 = x3[::_stride(x3.shape[0], _share(self.max_tokens, exp))]
+            else:
+                x3 = x3[::_stride(x3.shape[0], self.max_instances)]
+                x3 = x3[:, ::_stride(x3.shape[1],
+                                     _share(_share(self.max_tokens, exp), x3.shape[0]))]
             return to_store(x3.clone()), ntok
         a, b = (t.detach().float() for t in inputs)
         a4 = a.reshape(-1, *a.shape[-3:]) if a.dim() >= 4 else a.reshape(-1, 1, *a.shape[-2:])
