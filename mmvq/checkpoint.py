@@ -91,6 +91,18 @@ def read_quantized(path):
     return json.loads(payload['qcfg']), json.loads(payload['meta']), payload['state_dict']
 
 
+def _add_folded_biases(model, state):
+    """Give a bias-free Linear the bias a LayerNorm reparameterization folded
+    into it (:mod:`mmvq.calibration.reparam`) when the checkpoint has one."""
+    import torch.nn as nn
+    for name, module in model.named_modules():
+        key = f'{name}.bias' if name else 'bias'
+        if isinstance(module, nn.Linear) and module.bias is None and key in state:
+            module.bias = nn.Parameter(torch.zeros(module.out_features,
+                                                   device=module.weight.device,
+                                                   dtype=module.weight.dtype))
+
+
 def load_quantized(model, path, qcfg=None):
     """Convert ``model`` with the checkpoint's config and load its state.
 
@@ -108,6 +120,7 @@ def load_quantized(model, path, qcfg=None):
         raise ValueError(f'{path} was made with a different quantization config; '
                          're-calibrate or use the config it was made with')
     convert(model, saved_qcfg)
+    _add_folded_biases(model, state)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f'{path} does not match this model: {len(result.missing_keys)} missing '

@@ -32,6 +32,12 @@ reference searches (scale, zero point) pairs; we search the equivalent
 (low, high) bounds.
 * Per-head V ranges use the same grid, scored per head.
 
+* **LayerNorm scale reparameterization** (``reparam_ln=True``; AdaLog's
+  and RepQ-ViT's handling of qkv / fc1 / reduction inputs): before the
+  uniform search of such an input, per-channel ranges are folded into the
+  preceding LayerNorm and the Linear (:mod:`mmvq.calibration.reparam`), and
+  the search runs on the reparameterized inputs.
+
 Weights keep their per-output-channel min-max parameters (the reference
 also searches weight scales; not done here).
 """
@@ -46,6 +52,7 @@ from ..quantizers.uniform import UniformQuantizer, affine_params, fake_quant_aff
 from ..utils.progress import progress_iter
 from .budget import DeviceBudget, model_device
 from .cache import attach_search_cache, detach_search_cache
+from .reparam import ln_linear_pairs, reparameterize
 
 CHUNK_ELEMS = 1 << 25
 
@@ -120,6 +127,10 @@ class FPCS(DeviceBudget):
         macs_per_candidate (int | None): row budget of one Linear candidate
             evaluation (accelerator: every row; CPU: 2^24 MACs).
         min_rows (int): fewest rows kept per Linear.
+        reparam_ln (bool): fold per-channel scales of post-LayerNorm Linear
+            inputs into the LayerNorm first (RepQ-ViT / AdaLog).
+        include_padded (bool): also a Swin ``qkv`` behind window padding
+            (changes padded tokens; exact only without padding).
 
     Arguments left ``None`` take the preset of the model's device
     (:data:`PRESETS`); the values used are in :attr:`budget`.
@@ -133,7 +144,7 @@ class FPCS(DeviceBudget):
 
     def __init__(self, steps=6, rounds=3, base_num=8, scale_num=16, width=32, uniform_width=None,
                  max_tokens=None, max_windows=None, search_uniform=True, macs_per_candidate=None,
-                 min_rows=32):
+                 min_rows=32, reparam_ln=False, include_padded=False):
         self.steps = steps
         self.rounds = rounds
         self.base_num = base_num
@@ -143,6 +154,8 @@ class FPCS(DeviceBudget):
                               max_windows=max_windows, macs_per_candidate=macs_per_candidate)
         self.search_uniform = search_uniform
         self.min_rows = min_rows
+        self.reparam_ln = reparam_ln
+        self.include_padded = include_padded
         self.report = {}
         self.set_device('cpu')
 
@@ -174,7 +187,10 @@ class FPCS(DeviceBudget):
             detach_search_cache(m)
 
     def __call__(self, model, log):
-        n = {'adalog_linear': 0, 'uniform_linear': 0, 'adalog_matmul': 0}
+        n = {'adalog_linear': 0, 'uniform_linear': 0, 'adalog_matmul': 0, 'reparam': 0}
+        lns = {}
+        if self.reparam_ln:
+            lns = {lin: ln for _, ln, lin, _ in ln_linear_pairs(model, self.include_padded)}
         for name, m, kind in progress_iter(list(self._targets(model)), 'FPCS'):
             cache = getattr(m, '_mmvq_cache', None)
             if cache is None or cache.empty:
@@ -184,7 +200,12 @@ class FPCS(DeviceBudget):
                 if kind == 'adalog_matmul':
                     self.report[name] = self._search_softmax(m, *cache.data(dev))
                 else:
-                    x = self._rows(m, torch.cat([t.reshape(-1, t.shape[-1]) for t in cache.data(dev)]))
+                    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in cache.data(dev)])
+                    if name in lns:
+                        r, b = reparameterize(lns[name], m, x)
+                        x = x.div_(r).sub_(b)
+                        n['reparam'] += 1
+                    x = self._rows(m, x)
                     if kind == 'adalog_linear':
                         self.report[name] = self._search_adalog_linear(m, x)
                     else:
@@ -192,7 +213,8 @@ class FPCS(DeviceBudget):
             n[kind] += 1
         self.detach(model)
         log(f'[mmvq] FPCS: {n["adalog_linear"]} post-GELU AdaLog, {n["adalog_matmul"]} '
-            f'post-softmax AdaLog, {n["uniform_linear"]} uniform Linear inputs')
+            f'post-softmax AdaLog, {n["uniform_linear"]} uniform Linear inputs'
+            + (f' ({n["reparam"]} reparameterized into their LayerNorm)' if self.reparam_ln else ''))
 
     # ------------------------------------------------------------ linear
     def _rows(self, m, x):
