@@ -38,8 +38,19 @@ reference searches (scale, zero point) pairs; we search the equivalent
   preceding LayerNorm and the Linear (:mod:`mmvq.calibration.reparam`), and
   the search runs on the reparameterized inputs.
 
-Weights keep their per-output-channel min-max parameters (the reference
-also searches weight scales; not done here).
+* **Weights** (``search_weights=True``; AdaLog's
+  ``AsymmetricallyBatchingQuantLinear.weight_fpcs``): per output channel,
+  an asymmetric (scale, zero point) grid — ``min(16, 2^(b-1))`` zero points
+  around the middle code x ``128 / that`` scales spanning the 0.9..1.0
+  percentile ranges of the channel — ranked first by the channel's own
+  weight error, then, alternating with the input search for ``rounds``
+  rounds, by the channel's output error with the quantized input; FPCS
+  keeps 16 per channel and expands each into 8 scales around it, the step
+  shrinking by 7.5 per round. Output channels are independent, so one
+  batched evaluation scores every channel's candidates at once.
+
+Without ``search_weights`` weights keep their per-output-channel min-max
+parameters.
 """
 import torch
 import torch.nn.functional as F
@@ -127,6 +138,10 @@ class FPCS(DeviceBudget):
         macs_per_candidate (int | None): row budget of one Linear candidate
             evaluation (accelerator: every row; CPU: 2^24 MACs).
         min_rows (int): fewest rows kept per Linear.
+        search_weights (bool): FPCS over every searched Linear's per-channel
+            weight parameters, alternating with its input search (AdaLog).
+        weight_candidates (int): weight candidates per channel (``eq_n``, 128).
+        weight_width (int): weight survivors per channel and round (16).
         reparam_ln (bool): fold per-channel scales of post-LayerNorm Linear
             inputs into the LayerNorm first (RepQ-ViT / AdaLog).
         include_padded (bool): also a Swin ``qkv`` behind window padding
@@ -144,7 +159,8 @@ class FPCS(DeviceBudget):
 
     def __init__(self, steps=6, rounds=3, base_num=8, scale_num=16, width=32, uniform_width=None,
                  max_tokens=None, max_windows=None, search_uniform=True, macs_per_candidate=None,
-                 min_rows=32, reparam_ln=False, include_padded=False):
+                 min_rows=32, reparam_ln=False, include_padded=False, search_weights=False,
+                 weight_candidates=128, weight_width=16):
         self.steps = steps
         self.rounds = rounds
         self.base_num = base_num
@@ -155,6 +171,9 @@ class FPCS(DeviceBudget):
         self.search_uniform = search_uniform
         self.min_rows = min_rows
         self.reparam_ln = reparam_ln
+        self.search_weights = search_weights
+        self.weight_candidates = weight_candidates
+        self.weight_width = weight_width
         self.include_padded = include_padded
         self.report = {}
         self.set_device('cpu')
@@ -206,15 +225,19 @@ class FPCS(DeviceBudget):
                         x = x.div_(r).sub_(b)
                         n['reparam'] += 1
                     x = self._rows(m, x)
-                    if kind == 'adalog_linear':
-                        self.report[name] = self._search_adalog_linear(m, x)
+                    search = (self._search_adalog_linear if kind == 'adalog_linear'
+                              else self._search_uniform_linear)
+                    if self.search_weights and self._weight_searchable(m):
+                        self.report[name] = self._search_linear_alternating(m, x, search)
+                        n['weights'] = n.get('weights', 0) + 1
                     else:
-                        self.report[name] = self._search_uniform_linear(m, x)
+                        self.report[name] = search(m, x)
             n[kind] += 1
         self.detach(model)
         log(f'[mmvq] FPCS: {n["adalog_linear"]} post-GELU AdaLog, {n["adalog_matmul"]} '
             f'post-softmax AdaLog, {n["uniform_linear"]} uniform Linear inputs'
-            + (f' ({n["reparam"]} reparameterized into their LayerNorm)' if self.reparam_ln else ''))
+            + (f' ({n["reparam"]} reparameterized into their LayerNorm)' if self.reparam_ln else '')
+            + (f', weights of {n.get("weights", 0)} Linears' if self.search_weights else ''))
 
     # ------------------------------------------------------------ linear
     def _rows(self, m, x):
@@ -261,6 +284,81 @@ class FPCS(DeviceBudget):
         best = progressive(init, evaluate, self.width, self.steps, expand)
         q.set_params(q=int(best[0]), scale=float(best[1]))
         return dict(kind='adalog', q=int(best[0]), scale=float(best[1]))
+
+    # ----------------------------------------------------------- weights
+    @staticmethod
+    def _weight_searchable(m):
+        wq = m.weight_quantizer
+        return (isinstance(wq, UniformQuantizer) and wq.enabled and wq.ch_axis == 0
+                and not wq.symmetric)
+
+    def _weight_grid(self, w, bits):
+        """Per output channel ``(K, Cout)`` scales and ``(K, 1)`` zero points."""
+        half = 2 ** (bits - 1)
+        num_zp = min(16, half)
+        num_scale = max(1, self.weight_candidates // num_zp)
+        pct = torch.tensor([0.9, 1.0], dtype=w.dtype, device=w.device)
+        up = torch.quantile(w, pct, dim=1)                               # (2, Cout)
+        lo = torch.quantile(w, 1 - pct, dim=1)
+        d_min, d_max = up[0] - lo[0], up[1] - lo[1]
+        steps = torch.linspace(0, 1, num_scale, dtype=w.dtype, device=w.device)[:, None]
+        scales = ((d_min + steps * (d_max - d_min)) / (2 * half - 1)).repeat(num_zp, 1)
+        zps = torch.arange(half - num_zp // 2, half + num_zp // 2, dtype=w.dtype,
+                           device=w.device).repeat_interleave(num_scale)[:, None]
+        return scales.clamp(min=1e-8), zps.expand_as(scales).contiguous(), \
+            (d_max - d_min) / max(1, num_scale - 1) / (2 * half - 1)
+
+    def _search_weights(self, m, x_hat, ref):
+        """FPCS of the per-channel weight parameters; ``x_hat=None``: weight error."""
+        wq = m.weight_quantizer
+        w = m.weight.detach()
+        qmax = 2 ** wq.bits - 1
+        scales, zps, delta = self._weight_grid(w, wq.bits)
+
+        def losses(sc, zp):                                              # (K, Cout) each
+            k = len(sc)
+            per = max(1, CHUNK_ELEMS // max(1, w.numel() + (0 if x_hat is None else
+                                                            x_hat.shape[0] * w.shape[0])))
+            out = []
+            for i in range(0, k, per):
+                s, z = sc[i:i + per, :, None], zp[i:i + per, :, None]
+                wh = fake_quant_affine(w[None], s, z, 0, qmax)            # (k, Cout, Cin)
+                if x_hat is None:
+                    out.append((wh - w[None]).pow(2).mean(dim=2))
+                else:
+                    y = torch.matmul(x_hat[None], wh.transpose(1, 2))
+                    if m.bias is not None:
+                        y = y + m.bias
+                    out.append((y - ref[None]).pow(2).mean(dim=1))
+            return torch.cat(out)                                        # (K, Cout)
+
+        def keep(sc, zp, width):
+            idx = losses(sc, zp).topk(min(width, len(sc)), dim=0, largest=False).indices
+            return sc.gather(0, idx), zp.gather(0, idx)
+
+        new_cnt = max(1, self.weight_candidates // self.weight_width)
+        sc, zp = keep(scales, zps, self.weight_width)
+        for r in range(self.steps - 1):
+            offs = (torch.linspace(0, 1, new_cnt, dtype=w.dtype, device=w.device) - 0.5)
+            cand = (sc[:, None, :] + offs[None, :, None] * delta).clamp(min=1e-8)
+            sc = cand.reshape(-1, w.shape[0])
+            zp = zp.repeat_interleave(new_cnt, dim=0)
+            delta = delta / (new_cnt - 0.5)
+            sc, zp = keep(sc, zp, 1 if r == self.steps - 2 else self.weight_width)
+        wq.set_params(sc[0], zp[0])
+
+    def _search_linear_alternating(self, m, x, search_input):
+        """AdaLog's ``hyperparameter_searching``: weights and input on their own
+        errors first, then ``rounds`` rounds of weights and input on the output."""
+        ref = F.linear(x, m.weight, m.bias)
+        self._search_weights(m, None, ref)
+        report = search_input(m, x)
+        for _ in range(self.rounds):
+            iq = m.input_quantizer
+            self._search_weights(m, iq.fake_quant(x), ref)
+            report = search_input(m, x)
+        wq = m.weight_quantizer
+        return dict(report, weight_scale_mean=float(wq.scale.mean()))
 
     def _uniform_grid(self, x, n_lo=16, n_hi=8):
         ps = torch.linspace(0.9, 1.0, max(n_lo, n_hi), device=x.device)

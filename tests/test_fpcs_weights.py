@@ -1,0 +1,82 @@
+"""FPCS over per-channel weight parameters (AdaLog's ``weight_fpcs``)."""
+import torch
+import torch.nn as nn
+
+from mmvq.calibration import FPCS
+from mmvq.modules.base import swap_class
+from mmvq.modules.linear import QuantLinear
+from mmvq.quantizers.uniform import affine_params, fake_quant_affine
+
+W4 = dict(type='UniformQuantizer', bits=4, granularity='channel', ch_axis=0)
+A4 = dict(type='UniformQuantizer', bits=4)
+
+
+def _linear(seed=0, cin=24, cout=6):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(cin, cout)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(cout, cin, generator=g))
+        lin.weight.add_(0.3 * torch.rand(cout, 1, generator=g))   # rows not centred on 0
+        lin.bias.copy_(torch.randn(cout, generator=g))
+    lin = swap_class(lin, QuantLinear)
+    lin.quant_setup(dict(input=dict(A4), weight=dict(W4), output=None))
+    lin.weight_quantizer.observe(lin.weight)
+    lin.weight_quantizer.calibrate()
+    x = torch.randn(200, cin, generator=g)
+    lin.input_quantizer.set_range(x.min().reshape(1), x.max().reshape(1))
+    return lin, x
+
+
+def test_weight_grid_is_the_reference_grid():
+    """min(16, 2^(b-1)) zero points around the middle code x 128/that scales
+    spanning the 0.9..1.0 percentile ranges of each output channel."""
+    lin, _ = _linear()
+    f = FPCS()
+    w = lin.weight.detach()
+    scales, zps, delta = f._weight_grid(w, 4)
+    assert scales.shape == (128, 6) and zps.shape == (128, 6)
+    # 4 bits: 2^3 = 8 zero points (codes 4..11) x 16 scales
+    assert zps[:, 0].unique().tolist() == list(map(float, range(4, 12)))
+    up = torch.quantile(w, torch.tensor([0.9, 1.0]), dim=1)
+    lo = torch.quantile(w, torch.tensor([0.1, 0.0]), dim=1)
+    torch.testing.assert_close(scales[0], (up[0] - lo[0]) / 15)
+    torch.testing.assert_close(scales[15], (up[1] - lo[1]) / 15)
+    torch.testing.assert_close(delta, (scales[1] - scales[0]))
+    s3, z3, _ = f._weight_grid(w, 3)                   # 3 bits: 4 zero points x 32 scales
+    assert z3[:, 0].unique().tolist() == [2.0, 3.0, 4.0, 5.0] and s3.shape == (128, 6)
+
+
+def test_weight_search_on_own_error_beats_min_max_per_channel():
+    lin, _ = _linear(1)
+    w = lin.weight.detach()
+    minmax = (lin.weight_quantizer.fake_quant(w) - w).pow(2).mean(dim=1)
+    f = FPCS(steps=6)
+    f._search_weights(lin, None, None)
+    searched = (lin.weight_quantizer.fake_quant(w) - w).pow(2).mean(dim=1)
+    assert (searched <= minmax + 1e-9).all() and searched.sum() < 0.97 * minmax.sum()
+    # and it is at least as good as the best candidate of the initial grid
+    scales, zps, _ = f._weight_grid(w, 4)
+    grid = (fake_quant_affine(w[None], scales[..., None], zps[..., None], 0, 15)
+            - w[None]).pow(2).mean(dim=2).amin(dim=0)
+    assert (searched <= grid + 1e-9).all()
+
+
+def test_alternating_search_lowers_the_output_error():
+    lin, x = _linear(2)
+    ref = nn.functional.linear(x, lin.weight, lin.bias)
+
+    def out_err():
+        xq = lin.input_quantizer.fake_quant(x)
+        return float((nn.functional.linear(xq, lin.weight_quantizer.fake_quant(lin.weight),
+                                           lin.bias) - ref).pow(2).mean())
+
+    before = out_err()
+    f = FPCS(search_weights=True)
+    f.set_device('cpu')
+    report = f._search_linear_alternating(lin, x, f._search_uniform_linear)
+    assert report['kind'] == 'uniform' and out_err() < 0.8 * before
+    # the weight parameters are a per-channel asymmetric pair with integer zero points
+    wq = lin.weight_quantizer
+    assert wq.scale.shape == (6, ) and torch.equal(wq.zero_point, wq.zero_point.round())
+    s, z = affine_params(lin.weight.amin(1), lin.weight.amax(1), 4, False)
+    assert not torch.allclose(wq.scale, s)              # not min-max any more
