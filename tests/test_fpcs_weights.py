@@ -31,9 +31,9 @@ def test_weight_grid_is_the_reference_grid():
     """min(16, 2^(b-1)) zero points around the middle code x 128/that scales
     spanning the 0.9..1.0 percentile ranges of each output channel."""
     lin, _ = _linear()
-    f = FPCS()
+    from mmvq.calibration.grid import row_grid
     w = lin.weight.detach()
-    scales, zps, delta = f._weight_grid(w, 4)
+    scales, zps, delta = row_grid(w, 4, min(16, 2 ** 3))
     assert scales.shape == (128, 6) and zps.shape == (128, 6)
     # 4 bits: 2^3 = 8 zero points (codes 4..11) x 16 scales
     assert zps[:, 0].unique().tolist() == list(map(float, range(4, 12)))
@@ -42,7 +42,7 @@ def test_weight_grid_is_the_reference_grid():
     torch.testing.assert_close(scales[0], (up[0] - lo[0]) / 15)
     torch.testing.assert_close(scales[15], (up[1] - lo[1]) / 15)
     torch.testing.assert_close(delta, (scales[1] - scales[0]))
-    s3, z3, _ = f._weight_grid(w, 3)                   # 3 bits: 4 zero points x 32 scales
+    s3, z3, _ = row_grid(w, 3, min(16, 2 ** 2))        # 3 bits: 4 zero points x 32 scales
     assert z3[:, 0].unique().tolist() == [2.0, 3.0, 4.0, 5.0] and s3.shape == (128, 6)
 
 
@@ -55,7 +55,8 @@ def test_weight_search_on_own_error_beats_min_max_per_channel():
     searched = (lin.weight_quantizer.fake_quant(w) - w).pow(2).mean(dim=1)
     assert (searched <= minmax + 1e-9).all() and searched.sum() < 0.97 * minmax.sum()
     # and it is at least as good as the best candidate of the initial grid
-    scales, zps, _ = f._weight_grid(w, 4)
+    from mmvq.calibration.grid import row_grid
+    scales, zps, _ = row_grid(w, 4, 8)
     grid = (fake_quant_affine(w[None], scales[..., None], zps[..., None], 0, 15)
             - w[None]).pow(2).mean(dim=2).amin(dim=0)
     assert (searched <= grid + 1e-9).all()

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import mmvq
 from conftest import ROOT
-from mmvq.calibration.reparam import ln_linear_pairs, per_channel_bounds, reparameterize
+from mmvq.calibration.reparam import ln_linear_pairs, per_channel_params, reparameterize
 from mmvq.quantizers.uniform import affine_params, fake_quant_affine
 
 W4 = dict(type='UniformQuantizer', bits=4, granularity='channel', ch_axis=0)
@@ -40,7 +40,9 @@ def _ln_linear(seed=0):
     with torch.no_grad():
         # strong inter-channel variation of the LayerNorm output (the case it is for)
         m.norm.weight.copy_(torch.tensor([0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0]))
-        m.norm.bias.copy_(torch.randn(8, generator=g))
+        # channels straddle 0, as trained LayerNorm outputs do (the reference's
+        # zero-point grid, codes 0..15 around the middle, assumes it)
+        m.norm.bias.copy_(0.1 * torch.randn(8, generator=g) * m.norm.weight)
         m.reduction.weight.copy_(torch.randn(5, 8, generator=g))
         m.reduction.bias.copy_(torch.randn(5, generator=g))
     x = torch.randn(64, 8, generator=g) * 3 + 1
@@ -53,8 +55,7 @@ def test_reparameterize_by_hand():
     lin = _quantize_linear(m)
     (pair, ) = list(ln_linear_pairs(m))
     assert pair[0] == 'norm' and pair[2] == 'reduction'
-    lo, hi = per_channel_bounds(ref_ln, 4)
-    s_c, z_c = affine_params(lo, hi, 4, False)
+    s_c, z_c = per_channel_params(ref_ln, 4)
     s, z = s_c.mean(), z_c.mean().round()
     r = s_c / s
     b = -z_c * s_c / r + z * s
@@ -71,21 +72,25 @@ def test_reparameterize_by_hand():
     torch.testing.assert_close((-z_c * s_c) / r - b, (-z * s).expand(8), rtol=1e-5, atol=1e-5)
 
 
-def test_reparameterized_per_tensor_quantization_is_closer_to_per_channel():
+def test_reparameterized_per_tensor_quantization_is_per_channel_quantization():
+    """Quantizing ``x / r - b`` with the target (s, z) is quantizing ``x`` with
+    each channel's own (s_c, z_c): round(x/s_c) + z_c, shifted by an integer."""
     m, x = _ln_linear(1)
-    y = m.norm(x)
-    ref = m.reduction(y)
-
-    def per_tensor_error(inp, lin):
-        s, z = affine_params(inp.min(), inp.max(), 4, False)
-        return (lin(fake_quant_affine(inp, s, z, 0, 15)) - ref).pow(2).mean()
-
-    plain = per_tensor_error(y, m.reduction)
-    _quantize_linear(m, weight=False)
-    reparameterize(m.norm, m.reduction, y)
+    y = m.norm(x).detach()
+    ref = m.reduction(y).detach()
+    s_c, z_c = per_channel_params(y, 4)
+    per_channel = m.reduction(fake_quant_affine(y, s_c, z_c, 0, 15)).detach()
+    s, z = affine_params(y.min(), y.max(), 4, False)
+    per_tensor = m.reduction(fake_quant_affine(y, s, z, 0, 15)).detach()
+    lin = _quantize_linear(m, weight=False)
+    reparameterize(m.norm, lin, y)
     mmvq.set_quant_mode(m, 'float')
-    folded = per_tensor_error(m.norm(x), m.reduction)
-    assert folded < 0.25 * plain, (float(folded), float(plain))
+    iq = lin.input_quantizer
+    with torch.no_grad():
+        folded = lin(fake_quant_affine(m.norm(x), iq.scale, iq.zero_point, 0, 15))
+    torch.testing.assert_close(folded, per_channel, rtol=1e-4, atol=1e-4)
+    err = [float((o - ref).pow(2).mean()) for o in (folded, per_tensor)]
+    assert err[0] < 0.7 * err[1], err
 
 
 def _tiny_vit():

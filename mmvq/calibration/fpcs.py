@@ -63,6 +63,7 @@ from ..quantizers.uniform import UniformQuantizer, affine_params, fake_quant_aff
 from ..utils.progress import progress_iter
 from .budget import DeviceBudget, model_device
 from .cache import attach_search_cache, detach_search_cache
+from .grid import row_fpcs, row_grid, self_losses
 from .reparam import ln_linear_pairs, reparameterize
 
 CHUNK_ELEMS = 1 << 25
@@ -292,60 +293,32 @@ class FPCS(DeviceBudget):
         return (isinstance(wq, UniformQuantizer) and wq.enabled and wq.ch_axis == 0
                 and not wq.symmetric)
 
-    def _weight_grid(self, w, bits):
-        """Per output channel ``(K, Cout)`` scales and ``(K, 1)`` zero points."""
-        half = 2 ** (bits - 1)
-        num_zp = min(16, half)
-        num_scale = max(1, self.weight_candidates // num_zp)
-        pct = torch.tensor([0.9, 1.0], dtype=w.dtype, device=w.device)
-        up = torch.quantile(w, pct, dim=1)                               # (2, Cout)
-        lo = torch.quantile(w, 1 - pct, dim=1)
-        d_min, d_max = up[0] - lo[0], up[1] - lo[1]
-        steps = torch.linspace(0, 1, num_scale, dtype=w.dtype, device=w.device)[:, None]
-        scales = ((d_min + steps * (d_max - d_min)) / (2 * half - 1)).repeat(num_zp, 1)
-        zps = torch.arange(half - num_zp // 2, half + num_zp // 2, dtype=w.dtype,
-                           device=w.device).repeat_interleave(num_scale)[:, None]
-        return scales.clamp(min=1e-8), zps.expand_as(scales).contiguous(), \
-            (d_max - d_min) / max(1, num_scale - 1) / (2 * half - 1)
-
     def _search_weights(self, m, x_hat, ref):
-        """FPCS of the per-channel weight parameters; ``x_hat=None``: weight error."""
+        """Per-channel weight (scale, zero point) by FPCS (:mod:`.grid`):
+        ranked by each channel's own error (``x_hat=None``), else by its
+        output error with the quantized input ``x_hat``."""
         wq = m.weight_quantizer
         w = m.weight.detach()
         qmax = 2 ** wq.bits - 1
-        scales, zps, delta = self._weight_grid(w, wq.bits)
-
-        def losses(sc, zp):                                              # (K, Cout) each
-            k = len(sc)
-            per = max(1, CHUNK_ELEMS // max(1, w.numel() + (0 if x_hat is None else
-                                                            x_hat.shape[0] * w.shape[0])))
-            out = []
-            for i in range(0, k, per):
-                s, z = sc[i:i + per, :, None], zp[i:i + per, :, None]
-                wh = fake_quant_affine(w[None], s, z, 0, qmax)            # (k, Cout, Cin)
-                if x_hat is None:
-                    out.append((wh - w[None]).pow(2).mean(dim=2))
-                else:
+        scales, zps, delta = row_grid(w, wq.bits, min(16, 2 ** (wq.bits - 1)),
+                                      self.weight_candidates)
+        if x_hat is None:
+            losses = self_losses(w, wq.bits)
+        else:
+            def losses(sc, zp):                                          # (K, Cout)
+                per = max(1, CHUNK_ELEMS // max(1, w.numel() + x_hat.shape[0] * w.shape[0]))
+                out = []
+                for i in range(0, len(sc), per):
+                    wh = fake_quant_affine(w[None], sc[i:i + per, :, None], zp[i:i + per, :, None],
+                                           0, qmax)                        # (k, Cout, Cin)
                     y = torch.matmul(x_hat[None], wh.transpose(1, 2))
                     if m.bias is not None:
                         y = y + m.bias
                     out.append((y - ref[None]).pow(2).mean(dim=1))
-            return torch.cat(out)                                        # (K, Cout)
-
-        def keep(sc, zp, width):
-            idx = losses(sc, zp).topk(min(width, len(sc)), dim=0, largest=False).indices
-            return sc.gather(0, idx), zp.gather(0, idx)
-
-        new_cnt = max(1, self.weight_candidates // self.weight_width)
-        sc, zp = keep(scales, zps, self.weight_width)
-        for r in range(self.steps - 1):
-            offs = (torch.linspace(0, 1, new_cnt, dtype=w.dtype, device=w.device) - 0.5)
-            cand = (sc[:, None, :] + offs[None, :, None] * delta).clamp(min=1e-8)
-            sc = cand.reshape(-1, w.shape[0])
-            zp = zp.repeat_interleave(new_cnt, dim=0)
-            delta = delta / (new_cnt - 0.5)
-            sc, zp = keep(sc, zp, 1 if r == self.steps - 2 else self.weight_width)
-        wq.set_params(sc[0], zp[0])
+                return torch.cat(out)
+        sc, zp = row_fpcs(scales, zps, delta, losses, self.weight_candidates, self.weight_width,
+                          self.steps)
+        wq.set_params(sc, zp)
 
     def _search_linear_alternating(self, m, x, search_input):
         """AdaLog's ``hyperparameter_searching``: weights and input on their own

@@ -17,10 +17,10 @@ remains. With per-channel asymmetric parameters ``(s_c, z_c)`` of the input:
   weights), so ``W' x' + bias' = W x + bias``: the float model is unchanged
   (up to float rounding; tested).
 
-The per-channel parameters come from a percentile grid (0.9..1.0 of each
-side of every channel, 16 x 8 candidates) scored by each channel's own
-quantization error, as the reference's ``_search_best_a_scale_self`` (whose
-candidate set is a scale/zero-point grid over the same percentile span). The
+The per-channel parameters are the reference's: its (scale, zero point) grid
+over each channel's 0.9..1.0 percentile span and FPCS on each channel's own
+quantization error (``activation_fpcs`` with ``_search_best_a_scale_self``;
+:mod:`mmvq.calibration.grid`). The
 weight quantizer is re-fitted to the scaled weights, and the cached inputs
 the later searches see are mapped to ``x'``. A Linear without bias (mmcv's
 PatchMerging ``reduction``) gets one, as in the reference; quantized
@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 
 from ..modules.linear import QuantLinear
-from ..quantizers.uniform import UniformQuantizer, affine_params, fake_quant_affine
+from ..quantizers.uniform import UniformQuantizer
+from .grid import row_fpcs, row_grid, self_losses
 
 # (LayerNorm attribute, Linear path) of the blocks mmvq adapts: mmpretrain's
 # ViT TransformerEncoderLayer, mmdet/mmpretrain SwinBlock, PatchMerging
@@ -83,31 +84,13 @@ def ln_linear_pairs(model, include_padded=False):
             yield f'{prefix}{ln_attr}', ln, f'{prefix}{lin_path}', lin
 
 
-def per_channel_bounds(x, bits, n_lo=16, n_hi=8, chunk_elems=1 << 24):
-    """Per-channel ``(low, high)`` with the least own quantization error.
-
-    Args:
-        x (Tensor): ``(R, C)`` inputs.
-        bits (int): bit width of the (asymmetric) quantizer.
-
-    Returns:
-        tuple[Tensor, Tensor]: ``(C,)`` lows and highs.
-    """
-    qmin, qmax = 0, 2 ** bits - 1
-    ps = torch.linspace(0.9, 1.0, max(n_lo, n_hi), device=x.device, dtype=x.dtype)
-    his = torch.quantile(x, ps[-n_hi:], dim=0)                    # (n_hi, C)
-    los = torch.quantile(x, 1 - ps[-n_lo:], dim=0)                # (n_lo, C)
-    lo = los[:, None, :].expand(n_lo, n_hi, -1).reshape(-1, x.shape[1])
-    hi = his[None, :, :].expand(n_lo, n_hi, -1).reshape(-1, x.shape[1])
-    scale, zp = affine_params(lo, hi, bits, False)                # (K, C)
-    step = max(1, chunk_elems // max(1, x.numel()))
-    errs = []
-    for i in range(0, len(lo), step):
-        s, z = scale[i:i + step, None, :], zp[i:i + step, None, :]
-        errs.append((fake_quant_affine(x[None], s, z, qmin, qmax) - x[None]).pow(2).mean(dim=1))
-    best = torch.cat(errs).argmin(dim=0)                          # (C,)
-    idx = torch.arange(x.shape[1], device=x.device)
-    return lo[best, idx], hi[best, idx]
+def per_channel_params(x, bits, eq_n=128, width=16, steps=6):
+    """Per-channel asymmetric ``(scale, zero point)`` of ``x`` (``(R, C)``), each
+    channel's own quantization error minimised by AdaLog's grid and FPCS
+    (``min(16, 2^b)`` zero points; :mod:`mmvq.calibration.grid`)."""
+    t = x.t().contiguous()
+    scales, zps, delta = row_grid(t, bits, min(16, 2 ** bits), eq_n)
+    return row_fpcs(scales, zps, delta, self_losses(t, bits), eq_n, width, steps)
 
 
 @torch.no_grad()
@@ -123,8 +106,7 @@ def reparameterize(ln, linear, x):
         tuple[Tensor, Tensor]: ``(r, b)``; the new inputs are ``x / r - b``.
     """
     iq = linear.input_quantizer
-    lo, hi = per_channel_bounds(x, iq.bits)
-    s_c, z_c = affine_params(lo, hi, iq.bits, False)
+    s_c, z_c = per_channel_params(x, iq.bits)
     s = s_c.mean()
     z = z_c.mean().round()
     r = s_c / s
