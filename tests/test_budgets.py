@@ -41,6 +41,29 @@ def test_unbounded_cache_keeps_every_token_and_window():
     assert bounded.data()[0].shape[1] <= 512 // 4 // 3 + 1
 
 
+def test_search_cache_sees_the_same_rows_for_one_batch_of_32_or_32_batches_of_1():
+    """AdaLog calibrates on one batch of 32 images, ptq.py on 32 batches of one:
+    without a token budget (the papers' setting) the searches see the same data."""
+    x = torch.randn(32, 50, 8)
+
+    def rows(cache):
+        t = torch.cat([r.reshape(-1, 8) for r in cache.data()])
+        return t[torch.argsort(t[:, 0])]
+
+    one, many = SearchCache('linear', max_tokens=None), SearchCache('linear', max_tokens=None)
+    with calibration_step(0, expected=1):
+        one.update((x, ))
+    for i in range(32):
+        with calibration_step(i, expected=32):
+            many.update((x[i:i + 1], ))
+    assert torch.equal(rows(one), rows(many)) and rows(one).shape == (32 * 50, 8)
+    # under the CPU budget both are thinned (a documented, recorded deviation)
+    cpu = SearchCache('linear', max_tokens=512)
+    with calibration_step(0, expected=1):
+        cpu.update((x, ))
+    assert cpu.data()[0].shape[0] == 16
+
+
 def test_store_policy_bounds_bytes_and_places_records():
     x = torch.randn(256, 4096)                          # 256 channels
     store = SampleStore(ch_axis=0, max_columns=4096)

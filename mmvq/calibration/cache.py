@@ -4,9 +4,11 @@ Attached as forward hooks while calibrating; records are keyed like observer
 records (:mod:`mmvq.quantizers.observers`), so they merge across ranks and
 reduce in calibration-step order.
 
-* Linear: ``(I, T, C)`` inputs (instances x tokens x channels); at most
-  ``max_instances`` instances and ``max_tokens`` tokens (evenly strided) per
-  call, scaled down by the number of calibration steps.
+* Linear: ``(I, T, C)`` inputs (instances x tokens x channels); under a
+  token budget at most ``max_instances`` instances and ``max_tokens`` tokens
+  (evenly strided) per call, scaled down by the number of calibration steps;
+  without one, everything (so the batch size of the calibration data does
+  not change what a search sees).
 * MatMul (attention): operand pairs ``(a, b)`` of shape ``(W, H, N, M)`` /
   ``(W, H, M, D)``; at most ``max_windows`` windows per call.
 
@@ -59,7 +61,11 @@ class SearchCache(KeyedObserver):
                 # RoI FC input): thin them by the token budget
                 x3 = x3[::_stride(x3.shape[0], _share(self.max_tokens, exp))]
             else:
-                x3 = x3[::_stride(x3.shape[0], self.max_instances)]
+                # the instance cap belongs to a token budget: without one (the
+                # papers' setting) a batch of 32 images keeps all 32, exactly as
+                # 32 batches of one do
+                cap = None if self.max_tokens is None else self.max_instances
+                x3 = x3[::_stride(x3.shape[0], cap)]
                 x3 = x3[:, ::_stride(x3.shape[1],
                                      _share(_share(self.max_tokens, exp), x3.shape[0]))]
             return to_store(x3.clone()), ntok
