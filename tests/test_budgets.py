@@ -10,14 +10,24 @@ from mmvq.quantizers.observers import SampleStore, calibration_step, store_polic
 def test_presets_by_device_and_explicit_values_win():
     f = FPCS()
     assert f.budget == dict(device='cpu', preset='cpu', max_tokens=512, max_windows=32,
-                            uniform_width=8, macs_per_candidate=1 << 24)
+                            uniform_width=8, macs_per_candidate=1 << 24,
+                            differs_from_reference=['macs_per_candidate', 'max_tokens',
+                                                    'max_windows', 'uniform_width'])
+    from mmvq.calibration.budget import describe_deviations
+    assert describe_deviations('fpcs', f.budget, FPCS.PRESETS) == (
+        "[mmvq] fpcs ran with budgets below the paper's on cpu: macs_per_candidate=16777216 "
+        '(paper: all), max_tokens=512 (paper: all), max_windows=32 (paper: all), '
+        'uniform_width=8 (paper: 16)')
     f.set_device(torch.device('cuda', 0))               # only the device's type is read
     assert f.budget == dict(device='cuda:0', preset='accelerator', max_tokens=None,
-                            max_windows=None, uniform_width=16, macs_per_candidate=None)
+                            max_windows=None, uniform_width=16, macs_per_candidate=None,
+                            differs_from_reference=[])
+    assert describe_deviations('fpcs', f.budget, FPCS.PRESETS) is None
     assert f.max_tokens is None and f.uniform_width == 16
     g = FPCS(max_tokens=4096)
     g.set_device('cuda')
     assert g.max_tokens == 4096 and g.max_windows is None and g.budget['preset'] == 'accelerator'
+    assert g.budget['differs_from_reference'] == ['max_tokens']
     h = FPCS(max_tokens=1, max_windows=2, uniform_width=3, macs_per_candidate=4)
     h.set_device('cuda')
     assert h.budget['preset'] == 'explicit'

@@ -56,7 +56,8 @@ def test_ptq_writes_fp_and_quantized_coco_metrics(method, coco_mini, tmp_path):
         # the CPU preset, recorded as used
         assert res['calibration']['search_budgets']['fpcs'] == dict(
             device='cpu', preset='cpu', max_tokens=512, max_windows=32, uniform_width=8,
-            macs_per_candidate=1 << 24)
+            macs_per_candidate=1 << 24, differs_from_reference=[
+                'macs_per_candidate', 'max_tokens', 'max_windows', 'uniform_width'])
     if method == 'fqvit_w8a8_attn4':
         assert set(res['bits']) == {'uniform', 'ptf', 'lis'} and res['bits']['lis'] == [4]
 
@@ -72,7 +73,8 @@ def test_save_load_round_trip_gives_identical_predictions(coco_mini, tmp_path):
     res_a = json.loads((tmp_path / 'a' / 'results.json').read_text())
     alloc = res_a['calibration']['searches']['igq_allocation']
     assert res_a['calibration']['search_budgets']['igq_allocation'] == dict(
-        device='cpu', preset='cpu', max_tokens=1024, max_windows=32)
+        device='cpu', preset='cpu', max_tokens=1024, max_windows=32,
+        differs_from_reference=['max_tokens', 'max_windows'])
     assert alloc['bops'] <= alloc['budget'] and len(alloc['groups']) == 12 * 5 + 3
     ptq(cfg, coco_mini, tmp_path / 'b', '--skip-fp', '--max-eval-images', '2',
         '--load-quantized', str(qpath), '--out', str(tmp_path / 'b.pkl'))

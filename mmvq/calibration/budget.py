@@ -23,15 +23,31 @@ def resolve_budget(explicit, presets, device):
         device (torch.device): where the search runs.
 
     Returns:
-        dict: the values to use, plus ``device`` and ``preset`` (or
-        ``'explicit'`` when every value was given).
+        dict: the values to use, plus ``device``, ``preset`` (or
+        ``'explicit'`` when every value was given) and
+        ``differs_from_reference``: the names whose value is not the
+        reference's (the ``accelerator`` preset), so a report says when a
+        search ran with less than the paper's budget.
     """
     preset = 'cpu' if torch.device(device).type == 'cpu' else 'accelerator'
     values = dict(presets[preset])
     given = {k: v for k, v in explicit.items() if v is not None}
     values.update(given)
+    reference = presets['accelerator']
     return dict(values, device=str(device),
-                preset='explicit' if set(given) >= set(presets[preset]) else preset)
+                preset='explicit' if set(given) >= set(presets[preset]) else preset,
+                differs_from_reference=sorted(k for k in reference if values[k] != reference[k]))
+
+
+def describe_deviations(name, budget, presets):
+    """One line naming the values of ``budget`` that differ from the reference."""
+    ref = presets['accelerator']
+    keys = budget.get('differs_from_reference') or []
+    if not keys:
+        return None
+    parts = ', '.join(f'{k}={budget[k]} (paper: {"all" if ref[k] is None else ref[k]})'
+                      for k in keys)
+    return f'[mmvq] {name} ran with budgets below the paper\'s on {budget["device"]}: {parts}'
 
 
 class DeviceBudget:

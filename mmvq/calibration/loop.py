@@ -29,7 +29,7 @@ from ..utils.load import MachineLoad
 from ..utils.memory import PeakRSS, release_memory
 from ..utils.progress import progress_bar
 from ..utils.profiling import profile_to
-from .budget import model_device
+from .budget import describe_deviations, model_device
 from .data import (CalibrationSamples, calib_images_for, config_splits, missing_split_message,
                    spread_subset)
 from .driver import run_calibration
@@ -270,6 +270,11 @@ class PTQLoop(BaseLoop):
                                                    for s in self.searches},
                                          search_budgets={s.name: getattr(s, 'budget', None)
                                                          for s in self.searches})
+            for s in self.searches:
+                line = describe_deviations(s.name, getattr(s, 'budget', {}) or {},
+                                           getattr(s, 'PRESETS', {}))
+                if line:
+                    self.runner.logger.info(line)
         record['calibration']['wall_time'] = time.perf_counter() - t0
         summary = format_summary(model)
         self.runner.logger.info('[mmvq] quantizers: ' + summary.splitlines()[-1])
