@@ -11,6 +11,7 @@ reader can discard the ratio. Elsewhere only the load average is recorded.
 """
 import os
 import resource
+import time
 
 BUSY_FRACTION = 0.15      # other processes above 15 % of the CPUs: timing unreliable
 
@@ -81,17 +82,15 @@ class MachineLoad:
     """
 
     def __enter__(self):
-        import time
-        self._time = time.perf_counter
         self._sys0 = _system_busy_s()
         self._self0, self._reaped0 = _own_cpu_s()
         self._kids0 = _descendants_cpu_s()
         self._load0 = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
-        self._t0 = self._time()
+        self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        self.wall_s = self._time() - self._t0
+        self.wall_s = time.perf_counter() - self._t0
         sys1 = _system_busy_s()
         self1, reaped1 = _own_cpu_s()
         kids1 = _descendants_cpu_s()
