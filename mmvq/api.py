@@ -6,6 +6,8 @@ Quantization configs are plain dicts (mmengine-config friendly)::
         scope='auto',                     # 'backbone', 'model' (alias 'detector');
                                           # auto: classifiers whole, detectors' backbone
         integer_layernorm=False,          # FQ-ViT integer LN (needs PTF)
+        residual_stream=False,            # FQ-ViT: LayerNorm input quantizers also
+                                          # quantize the skip connections
         roles=dict(                       # quantizer config per role
             weight=dict(type='UniformQuantizer', bits=8, symmetric=True,
                         granularity='channel', ch_axis=0),
@@ -29,8 +31,11 @@ slot when its ``roles`` name the slot's role or one of its fallbacks (nearest
 wins): ``None`` disables, a dict with ``type`` replaces, a dict without
 ``type`` is merged into the resolved config (``act=dict(bits=4)`` makes every
 activation of the matched modules 4-bit, whatever its quantizer). Roles with no fallback
-(``ln_input``, ``ln_output``, ``attn_logits``, ``softmax``,
-``linear_output``, ``conv_output``) are float unless configured.
+(``ln_input``, ``ln_output``, ``attn_logits``, ``softmax``, the outputs
+``linear_output``, ``qkv_output``, ``proj_output``, ``fc2_output``,
+``conv_output``, ``patch_embed_output``, ``logits``, ViT's ``cls_embed`` and
+``pos_embed``, Swin's ``attn_scores`` and ``rel_pos_table``) are float unless
+configured.
 """
 import copy
 import fnmatch
@@ -50,7 +55,7 @@ ROLE_FALLBACK = {
     'linear_weight': 'weight', 'conv_weight': 'weight',
     'qkv_input': 'linear_input', 'proj_input': 'linear_input', 'fc1_input': 'linear_input',
     'fc2_input': 'linear_input', 'reduction_input': 'linear_input',
-    'head_input': 'linear_input', 'linear_input': 'act',
+    'cls_head_input': 'head_input', 'head_input': 'linear_input', 'linear_input': 'act',
     'patch_embed_input': 'conv_input', 'conv_input': 'act',
     'q': 'matmul_input', 'k': 'matmul_input', 'v': 'matmul_input', 'matmul_input': 'act',
     'attn_probs': 'act',
@@ -160,6 +165,8 @@ def plan(model, qcfg):
         sites += list(generic_sites(model, '', skip_prefixes=[prefix]))
     planned = []
     for site in sites:
+        if site.option and not qcfg.get(site.option):
+            continue
         slot_cfgs = {}
         for slot, role in site.roles.items():
             cfg = resolve_role(roles, role) if role else None
@@ -168,6 +175,8 @@ def plan(model, qcfg):
                     cfg = _apply_override(cfg, _chain_lookup(ov.get('roles', {}), role))
             slot_cfgs[slot] = _apply_hints(cfg, site.hints.get(slot))
             _check_slot(site, slot, role, slot_cfgs[slot])
+        if site.optional and all(c is None for c in slot_cfgs.values()):
+            continue
         planned.append((site, slot_cfgs))
     return planned
 
@@ -314,9 +323,13 @@ def quant_summary(model):
     rows = []
     for name, module in model.named_modules():
         # attention wrappers' quantizers live in their matmul/softmax children,
-        # which are listed themselves
-        if isinstance(module, QuantModuleMixin) and not isinstance(module, QuantAttentionMixin):
-            for slot, q in module.quantizers():
+        # which are listed themselves, except their own slots
+        if isinstance(module, QuantModuleMixin):
+            own = (module.own_quantizers() if isinstance(module, QuantAttentionMixin)
+                   else module.quantizers())
+            for slot, q in own:
+                if slot == 'input' and getattr(module, 'stream_input', False):
+                    slot = 'input+skip'       # the quantized residual stream
                 info = q.summary()
                 rows.append(OrderedDict(module=name, slot=slot, kind=info.pop('kind'),
                                         bits=info.pop('bits'),

@@ -81,3 +81,69 @@ def test_alternating_search_lowers_the_output_error():
     assert wq.scale.shape == (6, ) and torch.equal(wq.zero_point, wq.zero_point.round())
     s, z = affine_params(lin.weight.amin(1), lin.weight.amax(1), 4, False)
     assert not torch.allclose(wq.scale, s)              # not min-max any more
+
+
+def test_conv_weight_search_on_unfolded_rows():
+    """AdaLog's patch-embedding search: the cache keeps the unfolded input rows
+    (a convolution is their product with the ``(C_out, C_in k k)`` weight), and
+    one weight FPCS on the output error beats per-channel min-max."""
+    from mmvq.calibration.cache import SearchCache
+    from mmvq.modules.linear import QuantConv2d
+    g = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+    with torch.no_grad():
+        conv.weight.add_(0.05 * torch.rand(8, 1, 1, 1, generator=g))
+    conv = swap_class(conv, QuantConv2d)
+    conv.quant_setup(dict(input=None, weight=dict(W4), output=None))
+    conv.weight_quantizer.observe(conv.weight)
+    conv.weight_quantizer.calibrate()
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    cache = SearchCache('conv', max_tokens=None, conv=conv)
+    rows, ntok = cache.record((x, ))
+    assert rows.shape == (2, 16, 48) and ntok == 32
+    ref = conv._conv_forward(x, conv.weight, conv.bias).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(nn.functional.linear(rows, conv.weight.reshape(8, -1), conv.bias),
+                               ref, rtol=1e-5, atol=1e-5)
+
+    def err():
+        w = conv.weight_quantizer.fake_quant(conv.weight)
+        return float((conv._conv_forward(x, w, conv.bias) - conv._conv_forward(
+            x, conv.weight, conv.bias)).pow(2).mean())
+
+    before = err()
+    f = FPCS(search_weights=True)
+    f.set_device('cpu')
+    report = f._search_conv_weights(conv, [rows])
+    assert report['kind'] == 'conv-weight' and report['rows'] == 32
+    assert err() < 0.9 * before
+
+
+def test_attention_operands_searched_per_head():
+    """AdaLog's ``AsymmetricallyBatchingQuantMatMul``: q and k of ``q @ k^T`` get
+    per-head asymmetric (scale, zero point) from the reference grid by FPCS on
+    the product's error, alternating; it beats per-head min-max."""
+    from mmvq.modules.matmul import QuantMatMul
+    g = torch.Generator().manual_seed(4)
+    head = dict(type='UniformQuantizer', bits=4, granularity='head')
+    mm = QuantMatMul(dict(a=dict(head), b=dict(head)))
+    a = torch.randn(6, 3, 10, 8, generator=g) * torch.tensor([0.5, 1.0, 3.0]).view(1, 3, 1, 1)
+    b = torch.randn(6, 3, 8, 10, generator=g)
+    a[0, 2, 0, 0] = 25.0                                      # an outlier in head 2
+    for q, t in ((mm.a_quantizer, a), (mm.b_quantizer, b)):
+        q.observe(t)
+        q.calibrate()
+    ref = a @ b
+
+    def err():
+        return float((mm.a_quantizer.fake_quant(a) @ mm.b_quantizer.fake_quant(b) - ref)
+                     .pow(2).mean())
+
+    before = err()
+    f = FPCS(search_attention=True)
+    f.set_device('cpu')
+    report = f._search_matmul(mm, a, b)
+    assert report['kind'] == 'uniform-matmul'
+    assert err() < 0.7 * before
+    for q in (mm.a_quantizer, mm.b_quantizer):
+        assert q.scale.shape == (3, ) and torch.equal(q.zero_point, q.zero_point.round())
+        assert ((q.zero_point >= 4) & (q.zero_point <= 11)).all()     # 8 zero points at 4 bit

@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from ..modules.base import QuantModuleMixin, module_device, swap_class
+from ..modules.base import QuantModuleMixin, build_quantizer, module_device, swap_class
 from ..modules.matmul import QuantMatMul
 from ..modules.softmax import QuantSoftmax
 
@@ -17,13 +17,20 @@ class QuantAttentionMixin(QuantModuleMixin):
     """
 
     slots = ('q', 'k', 'logits', 'lis', 'probs', 'v')
+    # slots whose quantizers the wrapper holds itself (``<slot>_quantizer``),
+    # not its matmul / softmax children; ``extra_roles`` maps them to roles
+    own_slots = ()
+    extra_roles = {}
 
     def quant_setup(self, slot_cfgs, **kwargs):
-        unknown = set(slot_cfgs) - set(self.slots)
+        unknown = set(slot_cfgs) - set(self.slots) - set(self.own_slots)
         if unknown:
             raise KeyError(f'{type(self).__name__} has no quantizer slot(s) {sorted(unknown)}')
         with torch.device(module_device(self)):
             self._build_children(slot_cfgs)
+            for slot in self.own_slots:
+                q = build_quantizer(slot_cfgs.get(slot))
+                setattr(self, f'{slot}_quantizer', q if q is not None else nn.Identity())
 
     def _build_children(self, slot_cfgs):
         self.matmul1 = QuantMatMul(dict(a=slot_cfgs.get('q'), b=slot_cfgs.get('k')))
@@ -39,6 +46,14 @@ class QuantAttentionMixin(QuantModuleMixin):
                             ('matmul2', self.matmul2)):
             for slot, q in mod.quantizers():
                 yield f'{prefix}.{slot}', q
+        yield from self.own_quantizers()
+
+    def own_quantizers(self):
+        """``(slot, quantizer)`` of the :attr:`own_slots` that are set."""
+        for slot in self.own_slots:
+            q = getattr(self, f'{slot}_quantizer', None)
+            if q is not None and not isinstance(q, nn.Identity):
+                yield slot, q
 
     def any_quantizer_active(self):
         """Whether the explicit (matmul, softmax, matmul) path must run: some

@@ -15,6 +15,7 @@ import torch.nn as nn
 from mmcv.cnn.bricks.transformer import FFN
 
 from ..registry import QUANT_WRAPPERS
+from .residual import QuantResidualBlock
 
 ADAPTERS = []
 
@@ -41,6 +42,9 @@ class Site:
         hints (dict): slot -> extra quantizer kwargs applied when the
             resolved quantizer type accepts them (e.g. PTF ``tied_channels``).
         kwargs (dict): extra ``quant_setup`` arguments.
+        optional (bool): convert only when some slot gets a quantizer.
+        option (str | None): convert only when the quantization config sets
+            this key (e.g. ``residual_stream``).
     """
     name: str
     module: nn.Module
@@ -48,6 +52,8 @@ class Site:
     roles: Dict[str, Optional[str]]
     hints: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    optional: bool = False
+    option: Optional[str] = None
 
 
 def linear_site(name, module, input_role, output_role='linear_output'):
@@ -55,9 +61,9 @@ def linear_site(name, module, input_role, output_role='linear_output'):
                 dict(input=input_role, weight='linear_weight', output=output_role))
 
 
-def conv_site(name, module, input_role='conv_input'):
+def conv_site(name, module, input_role='conv_input', output_role='conv_output'):
     return Site(name, module, QUANT_WRAPPERS.get(type(module)),
-                dict(input=input_role, weight='conv_weight', output='conv_output'))
+                dict(input=input_role, weight='conv_weight', output=output_role))
 
 
 def layernorm_site(name, module, tied_channels=1):
@@ -70,14 +76,22 @@ class BaseAdapter:
     """Walk a backbone and yield its sites.
 
     Subclasses set ``backbones`` (classes handled), ``attention`` (float
-    attention class -> wrapper class) and ``patch_merging`` (classes whose
-    LayerNorm input is an ``nn.Unfold`` of 4 positions per channel).
+    attention class -> wrapper class), ``patch_merging`` (classes whose
+    LayerNorm input is an ``nn.Unfold`` of 4 positions per channel) and
+    ``residual_blocks`` (block class -> names of its two LayerNorms; see
+    :mod:`mmvq.adapters.residual`).
+
+    Output roles: ``qkv_output`` / ``proj_output`` (attention Linears),
+    ``fc2_output`` (the FFN's last Linear), ``patch_embed_output`` (the
+    patch-embedding convolution when no LayerNorm follows it; with one, the
+    LayerNorm's input role covers that tensor); float unless configured.
     """
 
     name = 'base'
     backbones = ()
     attention = {}
     patch_merging = ()
+    residual_blocks = {}
 
     def matches(self, module):
         return isinstance(module, self.backbones) if self.backbones else False
@@ -89,13 +103,15 @@ class BaseAdapter:
                 continue
             for att_cls, wrapper in self.attention.items():
                 if isinstance(module, att_cls):
-                    yield Site(name, module, wrapper, dict(ATTENTION_ROLES),
+                    yield Site(name, module, wrapper,
+                               dict(ATTENTION_ROLES, **getattr(wrapper, 'extra_roles', {})),
                                hints={'probs': dict(unit='row')})
                     for sub in ('qkv', 'proj'):
                         child = getattr(module, sub, None)
                         if isinstance(child, nn.Linear):
                             taken.add(f'{name}.{sub}')
-                            yield linear_site(f'{name}.{sub}', child, f'{sub}_input')
+                            yield linear_site(f'{name}.{sub}', child, f'{sub}_input',
+                                              f'{sub}_output')
                     taken.add(f'{name}.softmax')
                     break
             else:
@@ -104,7 +120,8 @@ class BaseAdapter:
                                if isinstance(m, nn.Linear)]
                     for i, (n, m) in enumerate(linears):
                         taken.add(n)
-                        yield linear_site(n, m, 'fc1_input' if i == 0 else 'fc2_input')
+                        yield (linear_site(n, m, 'fc1_input') if i == 0 else
+                               linear_site(n, m, 'fc2_input', 'fc2_output'))
                 elif isinstance(module, self.patch_merging):
                     for sub, child in module.named_children():
                         full = f'{name}.{sub}'
@@ -117,10 +134,20 @@ class BaseAdapter:
                 elif isinstance(module, nn.LayerNorm):
                     yield layernorm_site(name, module)
                 elif isinstance(module, nn.Conv2d):
-                    role = 'patch_embed_input' if 'patch_embed' in name else 'conv_input'
-                    yield conv_site(name, module, role)
+                    if 'patch_embed' in name:
+                        parent = backbone.get_submodule(name[len(prefix) + 1 if prefix else 0:]
+                                                        .rpartition('.')[0])
+                        normed = isinstance(getattr(parent, 'norm', None), nn.LayerNorm)
+                        yield conv_site(name, module, 'patch_embed_input',
+                                        'conv_output' if normed else 'patch_embed_output')
+                    else:
+                        yield conv_site(name, module)
                 elif isinstance(module, nn.Linear):
                     yield linear_site(name, module, 'linear_input')
+                for block_cls, norms in self.residual_blocks.items():
+                    if isinstance(module, block_cls):
+                        yield Site(name, module, QuantResidualBlock, {},
+                                   kwargs=dict(norms=norms), option='residual_stream')
 
 
 TASKS = (('mmpretrain.models.classifiers', 'BaseClassifier', 'classification'),
@@ -150,21 +177,39 @@ def _logit_layers(model):
             if isinstance(m, nn.Linear) and m.out_features == classes}
 
 
+def _reads_final_layernorm(model):
+    """Whether the classifier's head reads the backbone's final LayerNorm at the
+    class token directly (mmpretrain ViT/DeiT: ``out_type='cls_token'``,
+    ``final_norm``, no neck)."""
+    backbone = getattr(model, 'backbone', None)
+    return (getattr(backbone, 'out_type', None) == 'cls_token'
+            and bool(getattr(backbone, 'final_norm', False))
+            and getattr(model, 'neck', None) is None)
+
+
 def generic_sites(model, prefix, skip_prefixes):
     """Every Conv2d/Linear outside the backbone (scope ``'model'``).
 
     Linears under a ``head`` take role ``head_input``; in a classifier, the
     head Linears that produce the class scores have the output role
-    ``logits`` (FQ-ViT's ``act_out``; float unless a block sets it).
+    ``logits`` (FQ-ViT's ``act_out``; float unless a block sets it). The
+    first head Linear of a ViT that reads the final LayerNorm's class token
+    takes ``cls_head_input`` (falls back to ``head_input``; FQ-ViT leaves it
+    to the LayerNorm's output quantizer, ``qact2``).
     ``nn.ConvTranspose2d`` (mask upsampling) is not a ``Conv2d`` and stays
     float, as in the public detection pipelines (RepQ-ViT, APHQ-ViT).
     """
-    logits = _logit_layers(model) if model_task(model) == 'classification' else set()
+    is_cls = model_task(model) == 'classification'
+    logits = _logit_layers(model) if is_cls else set()
+    cls_head = is_cls and _reads_final_layernorm(model)
     for name, module in model.named_modules(prefix=prefix):
         if any(name == p or name.startswith(p + '.') for p in skip_prefixes):
             continue
         if isinstance(module, nn.Conv2d):
             yield conv_site(name, module)
         elif isinstance(module, nn.Linear):
-            yield linear_site(name, module, 'head_input' if 'head' in name else 'linear_input',
+            role = 'head_input' if 'head' in name else 'linear_input'
+            if cls_head and role == 'head_input':
+                role, cls_head = 'cls_head_input', False
+            yield linear_site(name, module, role,
                               'logits' if name in logits else 'linear_output')

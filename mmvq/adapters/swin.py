@@ -21,7 +21,17 @@ from .base import BaseAdapter, register_adapter
 
 
 class QuantWindowMSA(QuantAttentionMixin):
-    """Quantized forward of (mmdet | mmpretrain) ``WindowMSA``."""
+    """Quantized forward of (mmdet | mmpretrain) ``WindowMSA``.
+
+    Own slots (FQ-ViT ``models/swin_quant.py::WindowAttention``): ``scores``
+    — ``q @ k^T`` before the relative position bias (``qact_attn1``, role
+    ``attn_scores``) — and ``table``, the relative-position-bias table
+    (``qact_table``, role ``rel_pos_table``). The softmax's logits quantizer
+    (role ``attn_logits``) sees the sum (``qact2``).
+    """
+
+    own_slots = ('scores', 'table')
+    extra_roles = dict(scores='attn_scores', table='rel_pos_table')
 
     def forward(self, x, mask=None):
         B, N, C = x.shape
@@ -29,8 +39,8 @@ class QuantWindowMSA(QuantAttentionMixin):
                                   C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         q = q * self.scale
-        attn = self.matmul1(q, k.transpose(-2, -1))
-        relative_position_bias = self.relative_position_bias_table[
+        attn = self.scores_quantizer(self.matmul1(q, k.transpose(-2, -1)))
+        relative_position_bias = self.table_quantizer(self.relative_position_bias_table)[
             self.relative_position_index.view(-1)].view(
                 self.window_size[0] * self.window_size[1],
                 self.window_size[0] * self.window_size[1], -1)
@@ -60,6 +70,14 @@ def _mmpretrain_classes():
     return (SwinTransformer, ), {WindowMSA: QuantWindowMSA}, (PatchMerging, )
 
 
+def _mmpretrain_blocks():
+    try:
+        from mmpretrain.models.backbones.swin_transformer import SwinBlock
+    except Exception:  # noqa: BLE001 - mmpretrain is optional for detection users
+        return ()
+    return (SwinBlock, )
+
+
 @register_adapter
 class SwinAdapter(BaseAdapter):
     """mmdet ``SwinTransformer`` and mmpretrain ``SwinTransformer`` (v1)."""
@@ -70,6 +88,8 @@ class SwinAdapter(BaseAdapter):
         pre_backbones, pre_attention, pre_merging = _mmpretrain_classes()
         self.backbones = (mmdet_swin.SwinTransformer, ) + pre_backbones
         self.attention = {mmdet_swin.WindowMSA: QuantWindowMSA, **pre_attention}
+        self.residual_blocks = {cls: ('norm1', 'norm2') for cls in
+                                (mmdet_swin.SwinBlock, ) + _mmpretrain_blocks()}
         self.patch_merging = (MMDetPatchMerging, ) + pre_merging
         self.supported = ['mmdet.SwinTransformer'] + (
             ['mmpretrain.SwinTransformer'] if pre_backbones else [])

@@ -9,6 +9,8 @@ reduce in calibration-step order.
   (evenly strided) per call, scaled down by the number of calibration steps;
   without one, everything (so the batch size of the calibration data does
   not change what a search sees).
+* Conv2d: the input unfolded into the rows a convolution multiplies by its
+  weight (``(I, L, C_in k_h k_w)``), then kept as a Linear's.
 * MatMul (attention): operand pairs ``(a, b)`` of shape ``(W, H, N, M)`` /
   ``(W, H, M, D)``; at most ``max_windows`` windows per call.
 
@@ -19,6 +21,7 @@ accelerators). Records live where the observer policy puts them
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..quantizers.observers import KeyedObserver, _Step, to_store
 
@@ -37,23 +40,30 @@ class SearchCache(KeyedObserver):
     """Keyed samples of one module's inputs.
 
     Args:
-        kind (str): ``'linear'`` or ``'matmul'``.
+        kind (str): ``'linear'``, ``'conv'`` or ``'matmul'``.
         max_tokens (int | None): tokens kept per Linear call (all steps together).
         max_instances (int | None): instances kept per Linear call.
         max_windows (int | None): attention windows/images kept per MatMul call.
+        conv (nn.Conv2d | None): the convolution whose inputs are unfolded
+            (``kind='conv'``).
     """
 
-    def __init__(self, kind, max_tokens=2048, max_instances=16, max_windows=64):
+    def __init__(self, kind, max_tokens=2048, max_instances=16, max_windows=64, conv=None):
         super().__init__()
         self.kind = kind
+        self.unfold = None if conv is None else dict(
+            kernel_size=conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+            stride=conv.stride)
         self.max_tokens = max_tokens
         self.max_instances = max_instances
         self.max_windows = max_windows
 
     def record(self, inputs):
         exp = _Step.expected
-        if self.kind == 'linear':
+        if self.kind in ('linear', 'conv'):
             x = inputs[0].detach().float()
+            if self.kind == 'conv':
+                x = F.unfold(x, **self.unfold).transpose(1, 2)     # (B, L, C k k)
             x3 = x.reshape(x.shape[0], -1, x.shape[-1])
             ntok = x3.shape[0] * x3.shape[1]
             if x.dim() == 2:
@@ -82,7 +92,7 @@ class SearchCache(KeyedObserver):
 
         def move(t):
             return t if device is None else t.to(device)
-        if self.kind == 'linear':
+        if self.kind in ('linear', 'conv'):
             return [move(r[0]) for r in recs]
         return move(torch.cat([r[0] for r in recs])), move(torch.cat([r[1] for r in recs]))
 

@@ -30,7 +30,11 @@ MatMul (all calibration images together), rows thinned so one candidate
 costs about 2^24 MACs (at least 32 rows), and 8 uniform survivors. The
 reference searches (scale, zero point) pairs; we search the equivalent
 (low, high) bounds.
-* Per-head V ranges use the same grid, scored per head.
+* Per-head V ranges use the same grid, scored per head; with
+  ``search_attention=True`` (AdaLog's blocks) V, and ``q`` / ``k`` of
+  ``q @ k^T``, get the reference's per-head (scale, zero point) grid and
+  FPCS instead (``AsymmetricallyBatchingQuantMatMul``), alternating A and B
+  for ``rounds`` rounds on the product's error.
 
 * **LayerNorm scale reparameterization** (``reparam_ln=True``; AdaLog's
   and RepQ-ViT's handling of qkv / fc1 / reduction inputs): before the
@@ -49,6 +53,10 @@ reference searches (scale, zero point) pairs; we search the equivalent
   shrinking by 7.5 per round. Output channels are independent, so one
   batched evaluation scores every channel's candidates at once.
 
+  A Conv2d's weight (the patch embedding) is searched the same way on its
+  unfolded input rows, once, ranked by the output error — the reference's
+  convolution with an 8-bit input, which it leaves in float.
+
 Without ``search_weights`` weights keep their per-output-channel min-max
 parameters.
 """
@@ -56,11 +64,12 @@ import torch
 import torch.nn.functional as F
 
 from ..modules.base import module_device
-from ..modules.linear import QuantLinear
+from ..modules.linear import QuantConv2d, QuantLinear
 from ..modules.matmul import QuantMatMul
 from ..quantizers.adalog import AdaLogQuantizer
 from ..quantizers.uniform import UniformQuantizer, affine_params, fake_quant_affine
 from ..utils.progress import progress_iter
+from ..adapters import model_task
 from .budget import DeviceBudget, model_device
 from .cache import attach_search_cache, detach_search_cache
 from .grid import row_fpcs, row_grid, self_losses
@@ -143,10 +152,15 @@ class FPCS(DeviceBudget):
             weight parameters, alternating with its input search (AdaLog).
         weight_candidates (int): weight candidates per channel (``eq_n``, 128).
         weight_width (int): weight survivors per channel and round (16).
+        search_attention (bool): per-head FPCS of the uniform attention
+            operands — ``q`` and ``k`` of ``q @ k^T`` and V after an AdaLog
+            softmax — on the matmul output, alternating (AdaLog).
         reparam_ln (bool): fold per-channel scales of post-LayerNorm Linear
             inputs into the LayerNorm first (RepQ-ViT / AdaLog).
-        include_padded (bool): also a Swin ``qkv`` behind window padding
-            (changes padded tokens; exact only without padding).
+        include_padded (bool | None): also a Swin ``qkv`` behind window
+            padding (changes padded tokens; exact only without padding).
+            ``None``: for classifiers (the reference, whose maps are
+            multiples of the window), not for detectors.
 
     Arguments left ``None`` take the preset of the model's device
     (:data:`PRESETS`); the values used are in :attr:`budget`.
@@ -160,8 +174,8 @@ class FPCS(DeviceBudget):
 
     def __init__(self, steps=6, rounds=3, base_num=8, scale_num=16, width=32, uniform_width=None,
                  max_tokens=None, max_windows=None, search_uniform=True, macs_per_candidate=None,
-                 min_rows=32, reparam_ln=False, include_padded=False, search_weights=False,
-                 weight_candidates=128, weight_width=16):
+                 min_rows=32, reparam_ln=False, include_padded=None, search_weights=False,
+                 weight_candidates=128, weight_width=16, search_attention=False):
         self.steps = steps
         self.rounds = rounds
         self.base_num = base_num
@@ -175,6 +189,7 @@ class FPCS(DeviceBudget):
         self.search_weights = search_weights
         self.weight_candidates = weight_candidates
         self.weight_width = weight_width
+        self.search_attention = search_attention
         self.include_padded = include_padded
         self.report = {}
         self.set_device('cpu')
@@ -193,12 +208,20 @@ class FPCS(DeviceBudget):
             elif isinstance(m, QuantMatMul) and isinstance(m.a_quantizer, AdaLogQuantizer) \
                     and m.a_quantizer.enabled:
                 yield name, m, 'adalog_matmul'
+            elif (isinstance(m, QuantMatMul) and self.search_attention
+                  and self._head_searchable(m.a_quantizer)
+                  and self._head_searchable(m.b_quantizer)):
+                yield name, m, 'uniform_matmul'
+            elif isinstance(m, QuantConv2d) and self.search_weights and self._weight_searchable(m):
+                yield name, m, 'conv_weight'
 
     def attach(self, model):
         self.set_device(model_device(model))
         for _, m, kind in self._targets(model):
-            if kind == 'adalog_matmul':
+            if kind in ('adalog_matmul', 'uniform_matmul'):
                 attach_search_cache(m, 'matmul', max_windows=self.max_windows)
+            elif kind == 'conv_weight':
+                attach_search_cache(m, 'conv', max_tokens=self.max_tokens, conv=m)
             else:
                 attach_search_cache(m, 'linear', max_tokens=self.max_tokens)
 
@@ -207,10 +230,14 @@ class FPCS(DeviceBudget):
             detach_search_cache(m)
 
     def __call__(self, model, log):
-        n = {'adalog_linear': 0, 'uniform_linear': 0, 'adalog_matmul': 0, 'reparam': 0}
+        n = {'adalog_linear': 0, 'uniform_linear': 0, 'adalog_matmul': 0, 'reparam': 0,
+             'conv_weight': 0, 'uniform_matmul': 0}
         lns = {}
         if self.reparam_ln:
-            lns = {lin: ln for _, ln, lin, _ in ln_linear_pairs(model, self.include_padded)}
+            padded = self.include_padded
+            if padded is None:        # exact only where windows are never padded
+                padded = model_task(model) == 'classification'
+            lns = {lin: ln for _, ln, lin, _ in ln_linear_pairs(model, padded)}
         for name, m, kind in progress_iter(list(self._targets(model)), 'FPCS'):
             cache = getattr(m, '_mmvq_cache', None)
             if cache is None or cache.empty:
@@ -219,6 +246,10 @@ class FPCS(DeviceBudget):
             with torch.no_grad():
                 if kind == 'adalog_matmul':
                     self.report[name] = self._search_softmax(m, *cache.data(dev))
+                elif kind == 'uniform_matmul':
+                    self.report[name] = self._search_matmul(m, *cache.data(dev))
+                elif kind == 'conv_weight':
+                    self.report[name] = self._search_conv_weights(m, cache.data(dev))
                 else:
                     x = torch.cat([t.reshape(-1, t.shape[-1]) for t in cache.data(dev)])
                     if name in lns:
@@ -237,15 +268,17 @@ class FPCS(DeviceBudget):
         self.detach(model)
         log(f'[mmvq] FPCS: {n["adalog_linear"]} post-GELU AdaLog, {n["adalog_matmul"]} '
             f'post-softmax AdaLog, {n["uniform_linear"]} uniform Linear inputs'
+            + (f', {n["uniform_matmul"]} q @ k^T' if self.search_attention else '')
             + (f' ({n["reparam"]} reparameterized into their LayerNorm)' if self.reparam_ln else '')
-            + (f', weights of {n.get("weights", 0)} Linears' if self.search_weights else ''))
+            + (f', weights of {n.get("weights", 0)} Linears and {n["conv_weight"]} Conv2ds'
+               if self.search_weights else ''))
 
     # ------------------------------------------------------------ linear
     def _rows(self, m, x):
         """Evenly strided rows so one candidate costs about ``macs_per_candidate``."""
         if self.macs_per_candidate is None:
             return x
-        cap = max(self.min_rows, self.macs_per_candidate // (m.in_features * m.out_features))
+        cap = max(self.min_rows, self.macs_per_candidate // m.weight.numel())
         return x[::max(1, -(-x.shape[0] // cap))]
 
     def _linear_objective(self, m, x):
@@ -296,9 +329,11 @@ class FPCS(DeviceBudget):
     def _search_weights(self, m, x_hat, ref):
         """Per-channel weight (scale, zero point) by FPCS (:mod:`.grid`):
         ranked by each channel's own error (``x_hat=None``), else by its
-        output error with the quantized input ``x_hat``."""
+        output error with the (quantized) input rows ``x_hat`` (a
+        convolution's weight as the ``(C_out, C_in k k)`` matrix of its
+        unfolded input)."""
         wq = m.weight_quantizer
-        w = m.weight.detach()
+        w = m.weight.detach().reshape(m.weight.shape[0], -1)
         qmax = 2 ** wq.bits - 1
         scales, zps, delta = row_grid(w, wq.bits, min(16, 2 ** (wq.bits - 1)),
                                       self.weight_candidates)
@@ -319,6 +354,21 @@ class FPCS(DeviceBudget):
         sc, zp = row_fpcs(scales, zps, delta, losses, self.weight_candidates, self.weight_width,
                           self.steps)
         wq.set_params(sc, zp)
+
+    def _search_conv_weights(self, m, recs):
+        """AdaLog's ``AsymmetricallyBatchingQuantConv2d.hyperparameter_searching``
+        with an input of 8 bits or more (the patch embedding: ``qconv_a_bit=8``
+        leaves it float): one weight FPCS ranked by the output error, the
+        input as the layer sees it."""
+        x = self._rows(m, torch.cat([t.reshape(-1, t.shape[-1]) for t in recs]))
+        w = m.weight.reshape(m.weight.shape[0], -1)
+        ref = F.linear(x, w, m.bias)
+        iq = m.input_quantizer
+        x_hat = iq.fake_quant(x) if _active(iq) and iq.ch_axis is None and iq.is_calibrated() \
+            else x
+        self._search_weights(m, x_hat, ref)
+        return dict(kind='conv-weight', rows=int(x.shape[0]),
+                    weight_scale_mean=float(m.weight_quantizer.scale.mean()))
 
     def _search_linear_alternating(self, m, x, search_input):
         """AdaLog's ``hyperparameter_searching``: weights and input on their own
@@ -377,9 +427,61 @@ class FPCS(DeviceBudget):
             losses = _batched_losses(make, len(qs), elems,
                                      lambda fa: (fa @ b_hat - ref).pow(2).mean(dim=tuple(range(1, fa.dim()))))
             aq.set_params(q=int(qs[losses.argmin()]))
-            if isinstance(bq, UniformQuantizer) and bq.enabled:
+            if self.search_attention and self._head_searchable(bq):
+                a_hat = aq.fake_quant(a)
+                self._head_fpcs(b, bq, lambda fb: a_hat[None] @ fb, ref)
+            elif isinstance(bq, UniformQuantizer) and bq.enabled:
                 self._search_v(aq.fake_quant(a), b, ref, bq)
         return dict(kind='adalog-softmax', q=int(aq.q))
+
+    # ------------------------------------------------------ attention matmuls
+    @staticmethod
+    def _head_searchable(q):
+        return (isinstance(q, UniformQuantizer) and q.enabled and q.ch_axis == 1
+                and not q.symmetric)
+
+    def _head_fpcs(self, x, q, product, ref):
+        """Per-head (scale, zero point) of operand ``x`` (``(W, H, ., .)``) by
+        AdaLog's grid and FPCS (``AsymmetricallyBatchingQuantMatMul._fpcs``:
+        ``min(16, 2^(b-1))`` zero points x ``eq_n / that`` scales over each
+        head's 0.9..1.0 percentile span, 16 kept, 6 steps), each head ranked by
+        the error of its part of ``product(x_hat)`` against ``ref``."""
+        heads = x.shape[1]
+        t = x.transpose(0, 1).reshape(heads, -1)
+        if t.shape[1] > 1 << 20:                     # torch.quantile's size limit
+            t = t[:, ::-(-t.shape[1] // (1 << 20))]
+        scales, zps, delta = row_grid(t, q.bits, min(16, 2 ** (q.bits - 1)),
+                                      self.weight_candidates)
+        qmax = 2 ** q.bits - 1
+        per = max(1, CHUNK_ELEMS // max(1, ref.numel() + x.numel()))
+
+        def losses(sc, zp):                                              # (K, H)
+            out = []
+            for i in range(0, len(sc), per):
+                shape = (-1, 1, heads) + (1, ) * (x.dim() - 2)
+                fx = fake_quant_affine(x[None], sc[i:i + per].reshape(shape),
+                                       zp[i:i + per].reshape(shape), 0, qmax)
+                err = (product(fx) - ref[None]).pow(2)
+                out.append(err.mean(dim=(1, ) + tuple(range(3, err.dim()))))
+            return torch.cat(out)
+
+        sc, zp = row_fpcs(scales, zps, delta, losses, self.weight_candidates,
+                          self.weight_width, self.steps)
+        q.set_params(sc, zp)
+
+    def _search_matmul(self, m, a, b):
+        """AdaLog's ``AsymmetricallyBatchingQuantMatMul.hyperparameter_searching``
+        (``q @ k^T``): ``rounds`` times, A's per-head parameters with B
+        quantized, then B's with A quantized, on the product's error."""
+        aq, bq = m.a_quantizer, m.b_quantizer
+        ref = a @ b
+        for _ in range(self.rounds):
+            b_hat = bq.fake_quant(b)
+            self._head_fpcs(a, aq, lambda fa: fa @ b_hat[None], ref)
+            a_hat = aq.fake_quant(a)
+            self._head_fpcs(b, bq, lambda fb: a_hat[None] @ fb, ref)
+        return dict(kind='uniform-matmul', a_scale_mean=float(aq.scale.mean()),
+                    b_scale_mean=float(bq.scale.mean()))
 
     def _search_v(self, a_hat, b, ref, bq):
         """Per-head (or per-tensor) uniform range of V on the attn @ V output."""

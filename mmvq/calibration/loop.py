@@ -35,7 +35,8 @@ from .data import (CalibrationSamples, calib_images_for, config_splits, missing_
 from .driver import run_calibration
 from .fpcs import make_search
 
-QCFG_KEYS = {'name', 'scope', 'integer_layernorm', 'roles', 'overrides', 'searches', 'calib'}
+QCFG_KEYS = {'name', 'scope', 'integer_layernorm', 'residual_stream', 'roles', 'overrides',
+             'searches', 'calib'}
 
 
 def validate_qcfg(qcfg):

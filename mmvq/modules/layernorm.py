@@ -22,13 +22,23 @@ class QuantLayerNorm(QuantModuleMixin):
     it is ``oq(F.layer_norm(iq(x)))``. The integer path runs on slices of
     rows of about :func:`mmvq.quantizers.exact.chunk_elems` elements (rows
     are independent: the same results, bounded float64 temporaries).
+
+    ``stream_input`` (set by :class:`mmvq.adapters.residual.QuantResidualBlock`):
+    the block has already applied the input quantizer to the residual stream,
+    so the float path does not apply it again. ``first_token`` (a ViT's final
+    LayerNorm read only at the class token): the output quantizer is
+    calibrated on the first token of every sequence, as FQ-ViT's ``qact2``
+    after ``norm(x)[:, 0]``.
     """
 
     slots = ('input', 'output')
+    stream_input = False
+    first_token = False
 
-    def quant_setup(self, slot_cfgs, integer=False, **kwargs):
+    def quant_setup(self, slot_cfgs, integer=False, first_token=False, **kwargs):
         super().quant_setup(slot_cfgs)
         self.integer = bool(integer)
+        self.first_token = bool(first_token)
         if self.integer and not (isinstance(self.input_quantizer, PTFQuantizer)
                                  and isinstance(self.output_quantizer, UniformQuantizer)):
             raise ValueError('integer LayerNorm needs a PTFQuantizer input and a per-tensor '
@@ -62,6 +72,11 @@ class QuantLayerNorm(QuantModuleMixin):
                                       has_zero_weight=zero_w)
                 out[i:i + step] = y
             return out.reshape(x.shape)
-        x = self.input_quantizer(x)
+        if not self.stream_input:
+            x = self.input_quantizer(x)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return self.output_quantizer(x)
+        oq = self.output_quantizer
+        if self.first_token and x.dim() == 3 and getattr(oq, 'mode', None) == 'calib':
+            oq(x[:, :1])                  # observe the class token only
+            return x
+        return oq(x)

@@ -7,9 +7,11 @@ Fake quantization follows the standard affine scheme
   ``z = clamp(qmin - round(min / s))``; the range is widened to contain 0 so
   that zero (padding, masked tokens) is exact.
 * symmetric: ``[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]``, ``z = 0``,
-  ``s = max(|min|, |max|) / (2^(b-1) - 1)``. FQ-ViT divides by
-  ``(qmax - qmin) / 2 = 127.5`` at 8 bit; we divide by ``qmax`` so the largest
-  magnitude is representable without clamping (deliberate difference).
+  ``s = max(|min|, |max|) / (2^(b-1) - 1)`` by default, so the largest
+  magnitude is representable without clamping. ``half_range=True`` divides
+  by ``(qmax - qmin) / 2`` (127.5 at 8 bit) as FQ-ViT's ``MinmaxObserver``
+  does (``models/ptq/observer/minmax.py``): the largest magnitude rounds to
+  128 and is clamped to 127. The FQ-ViT blocks set it.
 
 Range estimators (FQ-ViT ``--quant-method``): ``minmax`` (running extremes),
 ``ema`` (EMA of per-batch extremes), ``percentile`` (mean over batches of the
@@ -37,13 +39,14 @@ def qrange(bits, symmetric):
     return 0, 2 ** bits - 1
 
 
-def affine_params(xmin, xmax, bits, symmetric, eps=1e-8):
-    """Scale and zero point covering ``[xmin, xmax]`` (tensors of equal shape)."""
+def affine_params(xmin, xmax, bits, symmetric, eps=1e-8, half_range=False):
+    """Scale and zero point covering ``[xmin, xmax]`` (tensors of equal shape);
+    ``half_range``: symmetric scale over ``(qmax - qmin) / 2`` (FQ-ViT)."""
     qmin, qmax = qrange(bits, symmetric)
     xmin = torch.clamp(xmin, max=0.0)
     xmax = torch.clamp(xmax, min=0.0)
     if symmetric:
-        scale = torch.maximum(xmin.abs(), xmax) / qmax
+        scale = torch.maximum(xmin.abs(), xmax) / ((qmax - qmin) / 2 if half_range else qmax)
         scale = torch.clamp(scale, min=eps)
         zero_point = torch.zeros_like(scale)
     else:
@@ -85,13 +88,17 @@ class UniformQuantizer(BaseQuantizer):
         momentum (float): EMA momentum for ``'ema'``.
         percentile (float): upper percentile for ``'percentile'``.
         enabled (bool): ``False`` makes it the identity.
+        half_range (bool): symmetric scale ``max|x| / ((qmax - qmin) / 2)``,
+            FQ-ViT's (default: ``max|x| / qmax``).
     """
 
     kind = 'uniform'
 
     def __init__(self, bits=8, symmetric=False, granularity='tensor', ch_axis=-1,
-                 observer='minmax', momentum=0.9, percentile=99.99, enabled=True):
+                 observer='minmax', momentum=0.9, percentile=99.99, enabled=True,
+                 half_range=False):
         super().__init__(bits, enabled)
+        self.half_range = bool(half_range)
         if granularity not in ('tensor', 'channel', 'head'):
             raise ValueError(f"granularity={granularity!r}: use 'tensor', 'channel' or 'head'")
         if observer not in OBSERVERS:
@@ -124,7 +131,7 @@ class UniformQuantizer(BaseQuantizer):
     def set_range(self, xmin, xmax):
         """Set parameters from a range (1-D tensors of length C or 1)."""
         scale, zp = affine_params(xmin.float().reshape(-1), xmax.float().reshape(-1),
-                                  self.bits, self.symmetric)
+                                  self.bits, self.symmetric, half_range=self.half_range)
         self._set_buffer('scale', scale)
         self._set_buffer('zero_point', zp)
         self.calibrated.fill_(True)
@@ -150,7 +157,8 @@ class UniformQuantizer(BaseQuantizer):
         ratios = 1.0 - 0.01 * torch.arange(steps, dtype=torch.float32, device=data.device)
         cand_min = xmin[None, :] * ratios[:, None]              # (S, C)
         cand_max = xmax[None, :] * ratios[:, None]
-        scale, zp = affine_params(cand_min, cand_max, self.bits, self.symmetric)
+        scale, zp = affine_params(cand_min, cand_max, self.bits, self.symmetric,
+                                  half_range=self.half_range)
         x = data[None]                                          # (1, C, N)
         err = (fake_quant_affine(x, scale[..., None], zp[..., None], self.qmin, self.qmax)
                - x).pow(2).sum(dim=2)                           # (S, C)
