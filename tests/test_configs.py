@@ -46,9 +46,17 @@ def _check_quant_block(cfg, task):
     validate_qcfg(cfg.quant)
     assert cfg.quant.calib.split == 'train' and cfg.quant['scope'] == 'auto'
     assert cfg.custom_imports.imports == ['mmvq']
-    # the number of calibration images is the task's: 32 ImageNet / 1 COCO image
-    assert 'images' not in cfg.quant.calib
-    assert calib_images_for(task, None, None)[0] == dict(classification=32, detection=1)[task]
+    # the number of calibration images is the task's: 32 ImageNet / 1 COCO image,
+    # except FQ-ViT's classification protocol (10 batches of 100)
+    fq = cfg.quant.name.startswith('FQ-ViT')
+    want = dict(classification=1000 if fq else 32, detection=1)[task]
+    assert calib_images_for(task, None, cfg.quant.calib.get('images'))[0] == want
+    if fq:
+        assert calib_images_for(task, None, cfg.quant.calib.images)[1] == (
+            'quant.calib.images.classification' if task == 'classification'
+            else 'the detection default')
+    else:
+        assert 'images' not in cfg.quant.calib
 
 
 def _scopes(model):
@@ -96,6 +104,13 @@ def test_classification_config(path, coco_image):
     logits = _quantize_and_run(model, image_batch(coco_image), lambda m, x: m(x, mode='tensor'))
     assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
     # auto scope: a classifier whole, its head's weight and input as the papers;
-    # FQ-ViT also quantizes the logits (act_out)
-    head = {'weight', 'input'} | ({'output'} if '_fqvit' in path else set())
+    # FQ-ViT also quantizes the logits (act_out), and a ViT head's input is the
+    # final LayerNorm's quantized output (qact2), not quantized again
+    fq = '_fqvit' in path
+    head = {'weight', 'output'} if fq else {'weight', 'input'}
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.head.modules())
+    if fq and ('swin' in path or n_linear > 1):
+        # Swin: the pooled feature (qact3); ViT-B's pre-logits: the logits
+        # Linear reads its tanh output
+        head.add('input')
     assert _scopes(model) == {'backbone': _scopes(model)['backbone'], 'head': head}

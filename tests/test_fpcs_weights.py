@@ -74,7 +74,7 @@ def test_alternating_search_lowers_the_output_error():
     before = out_err()
     f = FPCS(search_weights=True)
     f.set_device('cpu')
-    report = f._search_linear_alternating(lin, x, f._search_uniform_linear)
+    report = f._search_linear_alternating(lin, x, 'uniform_linear')
     assert report['kind'] == 'uniform' and out_err() < 0.8 * before
     # the weight parameters are a per-channel asymmetric pair with integer zero points
     wq = lin.weight_quantizer
@@ -147,3 +147,29 @@ def test_attention_operands_searched_per_head():
     for q in (mm.a_quantizer, mm.b_quantizer):
         assert q.scale.shape == (3, ) and torch.equal(q.zero_point, q.zero_point.round())
         assert ((q.zero_point >= 4) & (q.zero_point <= 11)).all()     # 8 zero points at 4 bit
+
+
+def test_uniform_input_search_on_the_reference_grid():
+    """A per-tensor Linear input: AdaLog's (scale, zero point) grid (16 zero
+    points 0..15 at 4 bit), own error then output error; the result is an
+    integer zero point in range and beats min-max on the output."""
+    lin, x = _linear(5)
+    x = x.clone()
+    x[0, 0] = 12.0                                            # an outlier min-max keeps
+    lin.input_quantizer.set_range(x.min().reshape(1), x.max().reshape(1))
+    ref = nn.functional.linear(x, lin.weight, lin.bias)
+    w_hat = lin.weight_quantizer.fake_quant(lin.weight)
+
+    def out_err():
+        xq = lin.input_quantizer.fake_quant(x)
+        return float((nn.functional.linear(xq, w_hat, lin.bias) - ref).pow(2).mean())
+
+    before = out_err()
+    f = FPCS()
+    f.set_device('cpu')
+    f._search_uniform_linear(lin, x, own=True)
+    assert out_err() < before                 # clipping the outlier already helps
+    report = f._search_uniform_linear(lin, x)
+    assert report['kind'] == 'uniform' and out_err() < 0.8 * before
+    zp = lin.input_quantizer.zero_point
+    assert torch.equal(zp, zp.round()) and 0 <= float(zp) <= 15

@@ -26,6 +26,8 @@ ADALOG_GELU = "dict(type='mmvq.AdaLogQuantizer', bits={b}, shift=0.1699712425470
 # images: left to the task's default (32 for a classifier, 1 for a COCO
 # detector, as the papers); set `images=N` here or pass --calib-images N
 CALIB = "calib=dict(split='train', seed=0)"
+# FQ-ViT's test_quant.py: 10 batches of 100 train images (classifiers)
+CALIB_FQ = "calib=dict(split='train', seed=0, images=dict(classification=1000))"
 SCOPE = "scope='auto',   # a classifier whole (head included), a detector's backbone"
 
 
@@ -79,7 +81,7 @@ quant = dict(
         attn_logits=_a,
         logits=_a,                        # the classifier's output (act_out)
         {softmax}),
-    {{calib}},
+    {CALIB_FQ},
 )
 """)
 
@@ -196,8 +198,11 @@ def main():
                 base = '.' + base
             for method in METHODS:
                 name = f'{model}_{SHORT[method]}.py'
-                extra = ('# 32 calibration images from the train split, the head quantized '
-                         '(the classification defaults)\n' if task == 'cls' else
+                n_cls = ('1000 calibration images from the train split (FQ-ViT\'s 10 x 100)'
+                         if method.startswith('fqvit') else
+                         '32 calibration images from the train split')
+                extra = (f'# {n_cls}, the head quantized (the classification defaults)\n'
+                         if task == 'cls' else
                          '# 1 calibration image from train2017, the backbone quantized '
                          '(the detection defaults)\n')
                 title = METHODS[method][1].split("name='", 1)[1].split("'", 1)[0]

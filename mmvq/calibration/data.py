@@ -21,13 +21,19 @@ def calib_images_for(task, cli=None, block=None):
     Args:
         task (str | None): ``'classification'``, ``'detection'`` or None.
         cli (int | None): ``--calib-images``.
-        block (int | None): the quantization block's ``calib.images``.
+        block (int | dict | None): the quantization block's ``calib.images``;
+            a dict gives it per task (``dict(classification=1000)``: FQ-ViT's
+            10 batches of 100), the default for tasks it does not name.
 
     Returns:
         tuple[int, str]: the number and a phrase naming its source.
     """
     if cli is not None:
         return cli, '--calib-images'
+    if isinstance(block, dict):
+        if task in block:
+            return block[task], f'quant.calib.images.{task}'
+        block = None
     if block is not None:
         return block, 'quant.calib.images'
     if task in DEFAULT_CALIB_IMAGES:

@@ -17,19 +17,19 @@ calibration). All candidates of a stage are evaluated as one batched tensor
 * **Post-softmax AdaLog (attn @ V)**: scale fixed at 1; ``rounds=3`` times:
   search ``q`` over all 129 values on the matmul output (V quantized), then
   V's per-head uniform range.
-* **Uniform Linear inputs (per-tensor)**: a 16 x 8 grid of lower/upper
-  clipping percentiles (0.9 .. 1.0 of each side), keep ``uniform_width=8``,
-  then 5 rounds that scale each survivor's bounds on a 3x3 grid of relative
-  steps (start 5%, shrinking by 3.5), keeping 8 (1 at the end).
+* **Uniform Linear inputs (per-tensor)**, as the reference's
+  ``AsymmetricallyBatchingQuantLinear``: a (scale, zero point) grid —
+  ``min(16, 2^b)`` zero points x ``128 / that`` scales over the 0.9..1.0
+  percentile span — searched by FPCS (``uniform_width`` survivors, 6 steps)
+  first on the input's own error, then on the Linear's output error (with
+  ``search_weights``, alternating with the weights for ``rounds`` rounds).
 
 Budgets by device (:mod:`mmvq.calibration.budget`): on an accelerator the
 reference's — every calibration token and attention window, every row in
 each candidate's loss, 16 uniform survivors. On CPU (deliberate, recorded
 difference): 512 cached tokens per Linear and 32 attention windows per
 MatMul (all calibration images together), rows thinned so one candidate
-costs about 2^24 MACs (at least 32 rows), and 8 uniform survivors. The
-reference searches (scale, zero point) pairs; we search the equivalent
-(low, high) bounds.
+costs about 2^24 MACs (at least 32 rows), and 8 uniform survivors.
 * Per-head V ranges use the same grid, scored per head; with
   ``search_attention=True`` (AdaLog's blocks) V, and ``q`` / ``k`` of
   ``q @ k^T``, get the reference's per-head (scale, zero point) grid and
@@ -257,13 +257,14 @@ class FPCS(DeviceBudget):
                         x = x.div_(r).sub_(b)
                         n['reparam'] += 1
                     x = self._rows(m, x)
-                    search = (self._search_adalog_linear if kind == 'adalog_linear'
-                              else self._search_uniform_linear)
                     if self.search_weights and self._weight_searchable(m):
-                        self.report[name] = self._search_linear_alternating(m, x, search)
+                        self.report[name] = self._search_linear_alternating(m, x, kind)
                         n['weights'] = n.get('weights', 0) + 1
+                    elif kind == 'adalog_linear':
+                        self.report[name] = self._search_adalog_linear(m, x)
                     else:
-                        self.report[name] = search(m, x)
+                        self._search_uniform_linear(m, x, own=True)
+                        self.report[name] = self._search_uniform_linear(m, x)
             n[kind] += 1
         self.detach(model)
         log(f'[mmvq] FPCS: {n["adalog_linear"]} post-GELU AdaLog, {n["adalog_matmul"]} '
@@ -370,16 +371,25 @@ class FPCS(DeviceBudget):
         return dict(kind='conv-weight', rows=int(x.shape[0]),
                     weight_scale_mean=float(m.weight_quantizer.scale.mean()))
 
-    def _search_linear_alternating(self, m, x, search_input):
-        """AdaLog's ``hyperparameter_searching``: weights and input on their own
-        errors first, then ``rounds`` rounds of weights and input on the output."""
+    def _search_linear_alternating(self, m, x, kind):
+        """AdaLog's ``hyperparameter_searching``: weights on their own error,
+        then for a uniform input (``AsymmetricallyBatchingQuantLinear``) the
+        input on its own error and ``rounds`` x (weights, input) on the
+        output; for a post-GELU AdaLog input
+        (``PostGeluLogBasedBatchingQuantLinear``) ``rounds`` x (input,
+        weights) on the output."""
         ref = F.linear(x, m.weight, m.bias)
+        iq = m.input_quantizer
         self._search_weights(m, None, ref)
-        report = search_input(m, x)
-        for _ in range(self.rounds):
-            iq = m.input_quantizer
-            self._search_weights(m, iq.fake_quant(x), ref)
-            report = search_input(m, x)
+        if kind == 'uniform_linear':
+            report = self._search_uniform_linear(m, x, own=True)
+            for _ in range(self.rounds):
+                self._search_weights(m, iq.fake_quant(x), ref)
+                report = self._search_uniform_linear(m, x)
+        else:
+            for _ in range(self.rounds):
+                report = self._search_adalog_linear(m, x)
+                self._search_weights(m, iq.fake_quant(x), ref)
         wq = m.weight_quantizer
         return dict(report, weight_scale_mean=float(wq.scale.mean()))
 
@@ -389,27 +399,33 @@ class FPCS(DeviceBudget):
         los = _quantile(x, 1 - ps[-n_lo:])
         return torch.cartesian_prod(los, his)
 
-    def _expand_bounds(self, c, r):
-        d = 0.05 / 3.5 ** r
-        f = torch.tensor([-d, 0.0, d], device=c.device)
-        grid = torch.cartesian_prod(f, f)
-        grid = grid[(grid != 0).any(1)]                                  # 8 new per survivor
-        return (c[:, None, :] * (1 + grid[None])).reshape(-1, 2)
-
-    def _search_uniform_linear(self, m, x):
+    def _search_uniform_linear(self, m, x, own=False):
+        """Per-tensor asymmetric (scale, zero point) of a Linear's input by
+        AdaLog's grid and FPCS (``calculate_percentile_activation_candidates``
+        / ``activation_fpcs``: ``min(16, 2^b)`` zero points x ``eq_n / that``
+        scales over the input's 0.9..1.0 percentile span, scales at least
+        1e-4), ranked by the input's own error (``own``) or by the output
+        error with the (quantized) weight."""
         q = m.input_quantizer
-        loss_fn, elems = self._linear_objective(m, x)
+        t = x.reshape(1, -1)
+        if t.shape[1] > 1 << 24:                     # torch.quantile's size limit
+            t = t[:, ::-(-t.shape[1] // (1 << 24))]
+        scales, zps, delta = row_grid(t, q.bits, min(16, 2 ** q.bits), self.weight_candidates)
+        scales = scales.clamp(min=1e-4)
+        if own:
+            losses = self_losses(t, q.bits)
+        else:
+            loss_fn, elems = self._linear_objective(m, x)
 
-        def evaluate(c):
-            def make(i, j):
-                s, z = affine_params(c[i:j, 0], c[i:j, 1], q.bits, q.symmetric)
-                return fake_quant_affine(x[None], s[:, None, None], z[:, None, None], q.qmin, q.qmax)
-            return _batched_losses(make, len(c), elems, loss_fn)
-
-        init = torch.cat([self._uniform_grid(x), torch.stack([x.min(), x.max()])[None]])
-        best = progressive(init, evaluate, self.uniform_width, self.steps, self._expand_bounds)
-        q.set_range(best[0:1], best[1:2])
-        return dict(kind='uniform', low=float(best[0]), high=float(best[1]))
+            def losses(sc, zp):                                          # (K, 1)
+                def make(i, j):
+                    return fake_quant_affine(x[None], sc[i:j, :, None], zp[i:j, :, None],
+                                             q.qmin, q.qmax)
+                return _batched_losses(make, len(sc), elems, loss_fn)[:, None]
+        sc, zp = row_fpcs(scales, zps, delta, losses, self.weight_candidates,
+                          self.uniform_width, self.steps)
+        q.set_params(sc, zp)
+        return dict(kind='uniform', scale=float(sc[0]), zero_point=float(zp[0]))
 
     # ----------------------------------------------------------- softmax
     def _search_softmax(self, m, a, b):

@@ -31,5 +31,5 @@ quant = dict(
         softmax=dict(type='mmvq.LogIntSoftmax', bits=4),
         # the LIS output is already log2-quantized
         attn_probs=None),
-    calib=dict(split='train', seed=0),
+    calib=dict(split='train', seed=0, images=dict(classification=1000)),
 )

@@ -30,5 +30,5 @@ quant = dict(
         logits=_a,                        # the classifier's output (act_out)
         # 8-bit uniform attention probabilities (FQ-ViT 8/8/8)
         attn_probs=_a),
-    calib=dict(split='train', seed=0),
+    calib=dict(split='train', seed=0, images=dict(classification=1000)),
 )
