@@ -61,13 +61,17 @@ def test_analyze_tiny_vit(block, tmp_path):
             f'train_dataloader.dataset.data_root={data}', f'test_dataloader.dataset.data_root={data}')
     rows = check_sensitivity(wd)
     names = {r['layer'] for r in rows}
-    # 6 blocks x (qkv, proj, fc1, fc2, ln1, ln2, matmul1, matmul2 [, LIS softmax]) + patch
-    # embed + final LayerNorm + the head (classifiers are quantized whole)
-    per_block = ['attn.qkv', 'attn.proj', 'ffn.layers.0.0', 'ffn.layers.1', 'ln1', 'ln2',
-                 'attn.matmul1', 'attn.matmul2'] + (['attn.softmax'] if block.startswith('fqvit')
-                                                    else [])
+    # 6 blocks x (qkv, proj, fc1, fc2, ln1, ln2, and the matmuls' q/k/v/probs or
+    # FQ-ViT's LIS softmax, its q/k/v being the qkv output) + patch embed + final
+    # LayerNorm + the head (classifiers are quantized whole); FQ-ViT's token and
+    # position embeddings sit on the backbone itself
+    fq = block.startswith('fqvit')
+    per_block = ['attn.qkv', 'attn.proj', 'ffn.layers.0.0', 'ffn.layers.1', 'ln1', 'ln2'] + (
+        ['attn.softmax'] if fq else ['attn.matmul1', 'attn.matmul2'])
     expected = {f'backbone.layers.{i}.{n}' for i in range(6) for n in per_block}
     expected |= {'backbone.patch_embed.projection', 'backbone.ln1', 'head.layers.head'}
+    if fq:
+        expected.add('backbone')
     if block == 'adalog_w4a4':      # LayerNorms are float in AdaLog
         expected -= {n for n in expected if n.endswith(('ln1', 'ln2'))}
     assert names == expected, sorted(names ^ expected)
@@ -88,9 +92,11 @@ def test_analyze_tiny_detector(tmp_path):
             f'test_evaluator.ann_file={root}annotations/instances_val.json')
     rows = check_sensitivity(wd)
     # backbone only for a detector: depths [2, 2, 2, 2] -> 8 blocks x (qkv, proj, fc1,
-    # fc2, norm1, norm2, matmul1, softmax, matmul2) + patch embed conv + its norm + 3
+    # fc2, norm1, norm2, softmax, and w_msa's q@k scores and bias table; FQ-ViT's q/k/v
+    # are the qkv output, so the matmuls hold none) + patch embed conv + its norm + 3
     # PatchMerging (norm, reduction) + the 4 output norms
-    assert len(rows) == 8 * 9 + 2 + 3 * 2 + 4
+    assert len(rows) == 8 * 8 + 2 + 3 * 2 + 4
+    assert sum(r['layer'].endswith('w_msa') for r in rows) == 8
     assert all(r['layer'].startswith('backbone.') for r in rows)
     check_plots(wd / 'plots')
 
@@ -103,6 +109,7 @@ def test_analyze_writes_table_and_plots(coco_mini, tmp_path):
             f'test_evaluator.ann_file={data}annotations/instances_val2017.json')
     rows = check_sensitivity(wd)
     # Swin-T FQ-ViT layers owning quantizers: 51 Linear + 1 conv + 32 LayerNorm
-    # + 12 x (matmul1, softmax) (matmul2 has no quantizer: attn_probs=None, LIS does it)
-    assert len(rows) == 51 + 1 + 32 + 12 * 2 + 12
+    # + 12 x (softmax, w_msa's q@k scores and bias table); the matmuls hold none (q/k/v
+    # are the qkv output, attn_probs=None: LIS does it)
+    assert len(rows) == 51 + 1 + 32 + 12 * 2
     check_plots(wd / 'plots')
