@@ -173,3 +173,85 @@ def test_uniform_input_search_on_the_reference_grid():
     assert report['kind'] == 'uniform' and out_err() < 0.8 * before
     zp = lin.input_quantizer.zero_point
     assert torch.equal(zp, zp.round()) and 0 <= float(zp) <= 15
+
+
+def test_positive_percentiles_are_nearest_rank_over_positive_entries():
+    """The reference's ``positive_percentile``: rank ``ceil(n q)`` among the
+    ``n`` positive entries, no interpolation, zeros and negatives ignored."""
+    from mmvq.calibration.grid import positive_percentiles
+    x = torch.tensor([[-1.0, 0.0, 0.5, 0.1, 0.3, 0.2, -0.2],
+                      [0.4, 0.05, 0.6, 0.7, 0.8, 0.9, 1.0]])   # 11 positive entries
+    got = positive_percentiles(x, (0.5, 0.9, 1.0))
+    assert got.tolist() == [0.5, 0.8999999761581421, 1.0]      # ranks 6, 10, 11
+    assert positive_percentiles(-x.abs(), (0.9, 1.0)).tolist() == [0.0, 0.0]
+
+
+def _post_gelu_linear(seed=7, cin=32, cout=8, rows=300):
+    from mmvq.quantizers.adalog import GELU_SHIFT
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(cin, cout)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(cout, cin, generator=g) / cin ** 0.5)
+    lin = swap_class(lin, QuantLinear)
+    lin.quant_setup(dict(input=dict(type='AdaLogQuantizer', bits=4, shift=GELU_SHIFT),
+                         weight=dict(W4), output=None))
+    lin.weight_quantizer.observe(lin.weight)
+    lin.weight_quantizer.calibrate()
+    x = nn.functional.gelu(torch.randn(rows, cin, generator=g) * 1.5)
+    return lin, x
+
+
+def test_post_gelu_search_starts_where_the_reference_does():
+    """One step of the post-GELU AdaLog search is the reference's first stage:
+    bases 10..137 ranked at the scale ``lo + (hi - lo) 126/127`` (``lo``,
+    ``hi`` the positive 0.9/1.0 percentiles plus the shift), the best 8 each
+    paired with ``linspace(lo, hi, 16)``, the best pair kept — checked by brute
+    force with the quantizer's own ``fake_quant``."""
+    from mmvq.calibration.grid import positive_percentiles
+    lin, x = _post_gelu_linear()
+    q = lin.input_quantizer
+    w_hat = lin.weight_quantizer.fake_quant(lin.weight)
+    ref = nn.functional.linear(x, lin.weight, lin.bias)
+
+    def loss(qv, s):
+        q.set_params(q=qv, scale=s)
+        return float((nn.functional.linear(q.fake_quant(x), w_hat, lin.bias) - ref).pow(2).mean())
+
+    lo, hi = (positive_percentiles(x, (0.9, 1.0)) + q.shift).tolist()
+    start = lo + (hi - lo) * 126 / 127
+    ranked = sorted(range(10, 138), key=lambda qv: loss(qv, start))[:8]
+    grid = torch.linspace(lo, hi, 16).tolist()
+    want = min(((qv, s) for qv in ranked for s in grid), key=lambda c: loss(*c))
+    f = FPCS(steps=1)
+    f.set_device('cpu')
+    report = f._search_adalog_linear(lin, x)
+    assert report['q'] == want[0]
+    assert abs(report['scale'] - want[1]) < 1e-6 * want[1]
+
+
+def test_post_gelu_search_refines_by_replacing_survivors():
+    """The later FPCS steps search around the survivors with a shrinking step:
+    the chosen scale stays within half a grid step (plus the shrinking
+    offsets) of the grid, the base among 10..137, and the output error is
+    below that of the quantizer's own calibration."""
+    from mmvq.calibration.grid import positive_percentiles
+    lin, x = _post_gelu_linear(8)
+    q = lin.input_quantizer
+    q.observe(x)
+    q.calibrate()
+    w_hat = lin.weight_quantizer.fake_quant(lin.weight)
+    ref = nn.functional.linear(x, lin.weight, lin.bias)
+
+    def err():
+        return float((nn.functional.linear(q.fake_quant(x), w_hat, lin.bias) - ref).pow(2).mean())
+
+    before = err()
+    f = FPCS()
+    f.set_device('cpu')
+    report = f._search_adalog_linear(lin, x)
+    lo, hi = (positive_percentiles(x, (0.9, 1.0)) + q.shift).tolist()
+    step = (hi - lo) / 15
+    reach = 0.5 * step * sum(3.5 ** -r for r in range(5))
+    assert 10 <= report['q'] <= 137
+    assert lo - reach - 1e-7 <= report['scale'] <= hi + reach + 1e-7
+    assert err() < before

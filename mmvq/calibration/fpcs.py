@@ -7,16 +7,22 @@ float output, with float inputs (the reference's parallel, not sequential,
 calibration). All candidates of a stage are evaluated as one batched tensor
 (chunked to bound memory), never in a Python loop over candidates.
 
-* **Post-GELU AdaLog (fc2 input)**, as the reference: rank all 129 bases
-  ``q in 10..138`` at the initial scale and keep the best ``base_num=8``;
-  combine them with ``scale_num=16`` scales spread between the 0.9 and 1.0
-  percentiles of the shifted input (128 candidates), keep ``width=32``; then
-  ``steps-1=5`` rounds expand every survivor into 4 scales
-  ``s + (linspace(0,1,4) - 0.5) * delta`` with ``delta`` shrinking by 3.5 per
-  round, keeping the best 32 (the best 1 in the last round).
-* **Post-softmax AdaLog (attn @ V)**: scale fixed at 1; ``rounds=3`` times:
-  search ``q`` over all 129 values on the matmul output (V quantized), then
-  V's per-head uniform range.
+* **Post-GELU AdaLog (fc2 input)**, as the reference: the scale starts at
+  the second-to-last of ``eq_n=128`` points between ``lo`` and ``hi`` (the
+  0.9 and 1.0 nearest-rank percentiles of the *positive* inputs, plus the
+  shift); rank the bases ``q in 10..137`` (the reference evaluates the first
+  ``eq_n`` of its 129) at the current scale and keep the best
+  ``base_num=8``; combine them with ``scale_num=16`` scales
+  ``linspace(lo, hi)`` (128 candidates), keep ``width=32``; then
+  ``steps-1=5`` rounds *replace* every survivor by 4 scales
+  ``s + (linspace(0,1,4) - 0.5) * delta`` (``delta`` from the grid step,
+  shrinking by 3.5 per round), keeping the best 32 (the best 1 in the last
+  round). With ``search_weights`` this alternates with the weights for
+  ``rounds`` rounds, each ranking the bases at the previous round's scale.
+* **Post-softmax AdaLog (attn @ V)**: scale fixed at 1; V starts at its
+  grid's second-to-last candidate (the reference's ``candidates[-2]``);
+  ``rounds=3`` times: search ``q`` over ``10..137`` on the matmul output (V
+  quantized), then V's per-head range.
 * **Uniform Linear inputs (per-tensor)**, as the reference's
   ``AsymmetricallyBatchingQuantLinear``: a (scale, zero point) grid —
   ``min(16, 2^b)`` zero points x ``128 / that`` scales over the 0.9..1.0
@@ -33,8 +39,9 @@ costs about 2^24 MACs (at least 32 rows), and 8 uniform survivors.
 * Per-head V ranges use the same grid, scored per head; with
   ``search_attention=True`` (AdaLog's blocks) V, and ``q`` / ``k`` of
   ``q @ k^T``, get the reference's per-head (scale, zero point) grid and
-  FPCS instead (``AsymmetricallyBatchingQuantMatMul``), alternating A and B
-  for ``rounds`` rounds on the product's error.
+  FPCS instead (``AsymmetricallyBatchingQuantMatMul``), both starting at
+  their grid's second-to-last candidate, alternating A and B for ``rounds``
+  rounds on the product's error.
 
 * **LayerNorm scale reparameterization** (``reparam_ln=True``; AdaLog's
   and RepQ-ViT's handling of qkv / fc1 / reduction inputs): before the
@@ -72,7 +79,7 @@ from ..utils.progress import progress_iter
 from ..adapters import model_task
 from .budget import DeviceBudget, model_device
 from .cache import attach_search_cache, detach_search_cache
-from .grid import row_fpcs, row_grid, self_losses
+from .grid import positive_percentiles, row_fpcs, row_grid, self_losses
 from .reparam import ln_linear_pairs, reparameterize
 
 CHUNK_ELEMS = 1 << 25
@@ -100,33 +107,6 @@ def _batched_losses(make, n, per_cand_elems, loss):
     """Evaluate ``loss(make(lo, hi))`` for candidates ``lo:hi`` in chunks."""
     chunk = max(1, CHUNK_ELEMS // max(1, per_cand_elems))
     return torch.cat([loss(make(i, min(n, i + chunk))) for i in range(0, n, chunk)])
-
-
-def progressive(init, evaluate, width, steps, expand):
-    """Generic FPCS: keep the best ``width``, expand, shrink, repeat.
-
-    Args:
-        init (Tensor): ``(K, P)`` candidate parameters.
-        evaluate (callable): ``(K, P) -> (K,)`` losses.
-        width (int): survivors per round.
-        steps (int): total rounds including the initial one.
-        expand (callable): ``(survivors, round) -> (K', P)`` new candidates.
-
-    Returns:
-        Tensor: the best ``(P,)`` parameters.
-    """
-    losses = evaluate(init)
-    keep = losses.topk(min(width, len(losses)), largest=False).indices
-    cands, losses = init[keep], losses[keep]
-    for r in range(steps - 1):
-        new = expand(cands, r)
-        new_losses = evaluate(new)
-        cands = torch.cat([cands, new])
-        losses = torch.cat([losses, new_losses])
-        k = 1 if r == steps - 2 else width
-        keep = losses.topk(min(k, len(losses)), largest=False).indices
-        cands, losses = cands[keep], losses[keep]
-    return cands[losses.argmin()]
 
 
 class FPCS(DeviceBudget):
@@ -291,34 +271,50 @@ class FPCS(DeviceBudget):
             return (F.linear(fq, w, m.bias) - ref).pow(2).mean(dim=(1, 2))
         return loss, rows * max(x.shape[1], cout)
 
-    def _search_adalog_linear(self, m, x):
+    def _search_adalog_linear(self, m, x, init=True):
+        """Post-GELU AdaLog input of a Linear: the reference's
+        ``PostGeluLogBasedBatchingQuantLinear.activation_fpcs``.
+
+        ``(lo, hi)``: the 0.9 and 1.0 nearest-rank percentiles of the
+        *positive* inputs, plus the shift. ``init`` first sets the scale the
+        bases are ranked at to the reference's start, the second-to-last of
+        ``eq_n`` scales from ``lo`` to ``hi`` (later rounds rank at the
+        previous round's scale). Bases ``q`` in ``10 .. 10 + eq_n - 1`` are
+        ranked on the output error and the best ``base_num`` kept; each is
+        paired with ``scale_num`` scales ``linspace(lo, hi)``, the best
+        ``width`` kept; ``steps - 1`` rounds then *replace* every survivor by
+        ``eq_n / width`` scales ``s + (linspace(0, 1, n) - 0.5) d`` (``d``
+        from the grid step, shrinking by ``n - 0.5`` per round), keeping the
+        best ``width`` (the best one in the last round).
+        """
         q = m.input_quantizer
         loss_fn, elems = self._linear_objective(m, x)
 
-        def evaluate(c):                     # c: (K, 2) = (q, scale)
-            return _batched_losses(lambda i, j: q.fake_quant_candidates(x, c[i:j, 0], c[i:j, 1]),
-                                   len(c), elems, loss_fn)
+        def evaluate(qs, scales):
+            return _batched_losses(lambda i, j: q.fake_quant_candidates(x, qs[i:j], scales[i:j]),
+                                   len(qs), elems, loss_fn)
 
-        dev = x.device
-        qs = torch.arange(q.q_candidates[0], q.q_candidates[1] + 1, dtype=torch.float32, device=dev)
-        ranked = evaluate(torch.stack([qs, q.scale.expand_as(qs)], 1))
-        bases = qs[ranked.topk(min(self.base_num, len(qs)), largest=False).indices]
-        pos = (x + q.shift).clamp(min=0)
-        lo, hi = _quantile(pos, [0.9, 1.0])
-        scales = torch.linspace(float(lo), float(hi), self.scale_num, device=dev).clamp(min=1e-6)
-        init = torch.cartesian_prod(bases, scales)
-        delta = [float(hi - lo) / self.scale_num]
-        new_cnt = 4
+        def best(qs, scales, k):
+            keep = evaluate(qs, scales).topk(min(k, len(qs)), largest=False).indices
+            return qs[keep], scales[keep]
 
-        def expand(c, r):
-            d = delta[0] / (new_cnt - 0.5) ** r
-            offs = (torch.linspace(0, 1, new_cnt, device=dev) - 0.5) * d
-            s = (c[:, 1:2] + offs).clamp(min=1e-6)
-            return torch.stack([c[:, 0:1].expand_as(s), s], -1).reshape(-1, 2)
-
-        best = progressive(init, evaluate, self.width, self.steps, expand)
-        q.set_params(q=int(best[0]), scale=float(best[1]))
-        return dict(kind='adalog', q=int(best[0]), scale=float(best[1]))
+        dev, n = x.device, self.weight_candidates
+        lo, hi = positive_percentiles(x, (0.9, 1.0)) + q.shift
+        if init:
+            q.set_params(scale=lo + (hi - lo) * (n - 2) / (n - 1))
+        qs = torch.arange(q.q_candidates[0], min(q.q_candidates[1] + 1, q.q_candidates[0] + n),
+                          dtype=torch.float32, device=dev)
+        bases, _ = best(qs, q.scale.expand_as(qs), self.base_num)
+        grid = lo + (hi - lo) * torch.linspace(0, 1, self.scale_num, device=dev)
+        cq, cs = best(bases.repeat_interleave(self.scale_num), grid.repeat(len(bases)), self.width)
+        delta, new_cnt = (hi - lo) / (self.scale_num - 1), max(1, n // self.width)
+        for r in range(self.steps - 1):
+            offs = (torch.linspace(0, 1, new_cnt, device=dev) - 0.5) * delta
+            delta = delta / (new_cnt - 0.5)
+            cq, cs = best(cq.repeat_interleave(new_cnt), (cs[:, None] + offs).reshape(-1),
+                          1 if r == self.steps - 2 else self.width)
+        q.set_params(q=int(cq[0]), scale=cs[0])
+        return dict(kind='adalog', q=int(cq[0]), scale=float(cs[0]))
 
     # ----------------------------------------------------------- weights
     @staticmethod
@@ -387,8 +383,8 @@ class FPCS(DeviceBudget):
                 self._search_weights(m, iq.fake_quant(x), ref)
                 report = self._search_uniform_linear(m, x)
         else:
-            for _ in range(self.rounds):
-                report = self._search_adalog_linear(m, x)
+            for r in range(self.rounds):
+                report = self._search_adalog_linear(m, x, init=r == 0)
                 self._search_weights(m, iq.fake_quant(x), ref)
         wq = m.weight_quantizer
         return dict(report, weight_scale_mean=float(wq.scale.mean()))
@@ -432,8 +428,11 @@ class FPCS(DeviceBudget):
         aq, bq = m.a_quantizer, m.b_quantizer
         ref = a @ b
         elems = ref.numel() + a.numel()
-        qs = torch.arange(aq.q_candidates[0], aq.q_candidates[1] + 1, dtype=torch.float32,
-                          device=a.device)
+        qs = torch.arange(aq.q_candidates[0],
+                          min(aq.q_candidates[1] + 1, aq.q_candidates[0] + self.weight_candidates),
+                          dtype=torch.float32, device=a.device)
+        if self.search_attention and self._head_searchable(bq):
+            self._head_init(b, bq)
         for _ in range(self.rounds):
             b_hat = bq.fake_quant(b) if _active(bq) and bq.is_calibrated() else b
 
@@ -456,18 +455,30 @@ class FPCS(DeviceBudget):
         return (isinstance(q, UniformQuantizer) and q.enabled and q.ch_axis == 1
                 and not q.symmetric)
 
-    def _head_fpcs(self, x, q, product, ref):
-        """Per-head (scale, zero point) of operand ``x`` (``(W, H, ., .)``) by
-        AdaLog's grid and FPCS (``AsymmetricallyBatchingQuantMatMul._fpcs``:
-        ``min(16, 2^(b-1))`` zero points x ``eq_n / that`` scales over each
-        head's 0.9..1.0 percentile span, 16 kept, 6 steps), each head ranked by
-        the error of its part of ``product(x_hat)`` against ``ref``."""
+    def _head_grid(self, x, q):
+        """AdaLog's per-head (scale, zero point) grid of operand ``x``
+        (``(W, H, ., .)``; ``AsymmetricallyBatchingQuantMatMul
+        .calculate_percentile_candidates``): ``min(16, 2^(b-1))`` zero points
+        x ``eq_n / that`` scales over each head's 0.9..1.0 percentile span."""
         heads = x.shape[1]
         t = x.transpose(0, 1).reshape(heads, -1)
         if t.shape[1] > 1 << 20:                     # torch.quantile's size limit
             t = t[:, ::-(-t.shape[1] // (1 << 20))]
-        scales, zps, delta = row_grid(t, q.bits, min(16, 2 ** (q.bits - 1)),
-                                      self.weight_candidates)
+        return row_grid(t, q.bits, min(16, 2 ** (q.bits - 1)), self.weight_candidates)
+
+    def _head_init(self, x, q):
+        """The reference's start before its alternating search: the
+        second-to-last candidate of the grid (``candidates[-2]``)."""
+        scales, zps, _ = self._head_grid(x, q)
+        q.set_params(scales[-2], zps[-2])
+
+    def _head_fpcs(self, x, q, product, ref):
+        """Per-head (scale, zero point) of operand ``x`` by FPCS on
+        :meth:`_head_grid` (``AsymmetricallyBatchingQuantMatMul._fpcs``: 16
+        kept, 6 steps), each head ranked by the error of its part of
+        ``product(x_hat)`` against ``ref``."""
+        heads = x.shape[1]
+        scales, zps, delta = self._head_grid(x, q)
         qmax = 2 ** q.bits - 1
         per = max(1, CHUNK_ELEMS // max(1, ref.numel() + x.numel()))
 
@@ -491,6 +502,8 @@ class FPCS(DeviceBudget):
         quantized, then B's with A quantized, on the product's error."""
         aq, bq = m.a_quantizer, m.b_quantizer
         ref = a @ b
+        self._head_init(a, aq)
+        self._head_init(b, bq)
         for _ in range(self.rounds):
             b_hat = bq.fake_quant(b)
             self._head_fpcs(a, aq, lambda fa: fa @ b_hat[None], ref)
@@ -529,4 +542,4 @@ def make_search(cfg):
     return table[kind](**cfg)
 
 
-__all__ = ['FPCS', 'progressive', 'make_search']
+__all__ = ['FPCS', 'make_search']

@@ -69,6 +69,29 @@ def row_fpcs(scales, zps, delta, losses, eq_n=128, width=16, steps=6):
     return sc[0], zp[0]
 
 
+def positive_percentiles(x, qs, cap=1 << 24):
+    """Nearest-rank percentiles ``qs`` of the positive entries of ``x``.
+
+    The reference's ``PostGeluLogBasedBatchingQuantLinear.positive_percentile``:
+    the entry of rank ``ceil(n q)`` (1-based, at least 1) among the ``n``
+    positive values, no interpolation; 0 where ``x`` has none. Inputs of
+    more than ``cap`` entries are strided evenly first.
+
+    Returns:
+        Tensor: ``(len(qs),)`` on the device of ``x``.
+    """
+    flat = x.reshape(-1)
+    if flat.numel() > cap:
+        flat = flat[::-(-flat.numel() // cap)]
+    pos = flat[flat > 0]
+    if pos.numel() == 0:
+        return torch.zeros(len(qs), dtype=x.dtype, device=x.device)
+    n = torch.tensor(float(pos.numel()), dtype=torch.float32, device='cpu')     # the reference's float32 ranks
+    ranks = [min(pos.numel(), max(1, int(torch.ceil(n * torch.tensor(q, dtype=torch.float32, device='cpu')))))
+             for q in qs]
+    return torch.stack([pos.kthvalue(k).values for k in ranks])
+
+
 def self_losses(t, bits):
     """``(scales, zps) -> (K, R)``: each row's own mean squared quantization error."""
     qmax = 2 ** bits - 1
