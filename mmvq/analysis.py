@@ -34,10 +34,12 @@ def _flatten(out):
 
 
 def quantized_layers(model):
-    """``(name, module)`` of every module owning quantizers (attention wrappers
-    contribute their ``matmul1``/``softmax``/``matmul2`` children)."""
+    """``(name, module)`` of every module owning enabled quantizers of its own
+    (an attention wrapper's ``matmul1``/``softmax``/``matmul2`` children are
+    rows of their own; the wrapper is one where it holds quantizers itself,
+    e.g. Swin's q @ k^T scores and bias table)."""
     for name, module in model.named_modules():
-        if isinstance(module, QuantModuleMixin) and not isinstance(module, QuantAttentionMixin):
+        if isinstance(module, QuantModuleMixin):
             if any(q.enabled for _, q in module.quantizers()):
                 yield name, module
 
