@@ -37,6 +37,25 @@ def test_presets_by_device_and_explicit_values_win():
     assert (a.max_tokens, a.max_windows) == (None, None)
 
 
+def test_budget_preset_chooses_the_reference_budgets_on_any_device():
+    """``budget_preset='accelerator'`` gives a CPU run the papers' budgets (a
+    small model affords them), ``'cpu'`` bounds an accelerator run; explicit
+    values still win, and a wrong name is one clear error."""
+    import pytest
+    f = FPCS(budget_preset='accelerator')
+    assert f.budget == dict(device='cpu', preset='accelerator', max_tokens=None,
+                            max_windows=None, uniform_width=16, macs_per_candidate=None,
+                            differs_from_reference=[])
+    assert f.max_tokens is None and f.macs_per_candidate is None
+    g = FPCS(budget_preset='cpu', uniform_width=16)
+    g.set_device('cuda')
+    assert g.budget['preset'] == 'cpu' and g.max_tokens == 512 and g.uniform_width == 16
+    a = IGQAllocation(budget_preset='accelerator')
+    assert (a.max_tokens, a.max_windows) == (None, None)
+    with pytest.raises(ValueError, match="budget_preset must be one of auto, cpu, accelerator"):
+        FPCS(budget_preset='paper')
+
+
 def test_unbounded_cache_keeps_every_token_and_window():
     lin = SearchCache('linear', max_tokens=None, max_instances=None)
     mm = SearchCache('matmul', max_windows=None)

@@ -141,6 +141,9 @@ class FPCS(DeviceBudget):
             padding (changes padded tokens; exact only without padding).
             ``None``: for classifiers (the reference, whose maps are
             multiples of the window), not for detectors.
+        budget_preset (str): ``'auto'`` (the preset of the model's device),
+            ``'accelerator'`` (the reference's budgets on any device) or
+            ``'cpu'``.
 
     Arguments left ``None`` take the preset of the model's device
     (:data:`PRESETS`); the values used are in :attr:`budget`.
@@ -155,7 +158,8 @@ class FPCS(DeviceBudget):
     def __init__(self, steps=6, rounds=3, base_num=8, scale_num=16, width=32, uniform_width=None,
                  max_tokens=None, max_windows=None, search_uniform=True, macs_per_candidate=None,
                  min_rows=32, reparam_ln=False, include_padded=None, search_weights=False,
-                 weight_candidates=128, weight_width=16, search_attention=False):
+                 weight_candidates=128, weight_width=16, search_attention=False,
+                 budget_preset='auto'):
         self.steps = steps
         self.rounds = rounds
         self.base_num = base_num
@@ -163,6 +167,7 @@ class FPCS(DeviceBudget):
         self.width = width
         self._explicit = dict(uniform_width=uniform_width, max_tokens=max_tokens,
                               max_windows=max_windows, macs_per_candidate=macs_per_candidate)
+        self._preset = budget_preset
         self.search_uniform = search_uniform
         self.min_rows = min_rows
         self.reparam_ln = reparam_ln

@@ -94,6 +94,8 @@ class IGQAllocation(DeviceBudget):
         max_windows (int | None): cached attention windows per MatMul
             (accelerator: all; CPU: 32).
         resolution (int): budget discretisation of the solver.
+        budget_preset (str): ``'auto'``, ``'accelerator'`` (the reference's
+            budgets on any device) or ``'cpu'``.
     """
 
     name = 'igq_allocation'
@@ -101,11 +103,12 @@ class IGQAllocation(DeviceBudget):
                    accelerator=dict(max_tokens=None, max_windows=None))
 
     def __init__(self, candidates=(4, 8, 12, 16), budget_groups=8, acc_bits=32, max_tokens=None,
-                 max_windows=None, resolution=2000):
+                 max_windows=None, resolution=2000, budget_preset='auto'):
         self.candidates = tuple(sorted(candidates))
         self.budget_groups = budget_groups
         self.acc_bits = acc_bits
         self._explicit = dict(max_tokens=max_tokens, max_windows=max_windows)
+        self._preset = budget_preset
         self.resolution = resolution
         self.report = {}
         self.set_device('cpu')
