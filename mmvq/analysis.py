@@ -40,7 +40,8 @@ def quantized_layers(model):
     e.g. Swin's q @ k^T scores and bias table)."""
     for name, module in model.named_modules():
         if isinstance(module, QuantModuleMixin):
-            if any(q.enabled for _, q in module.quantizers()):
+            own = module.own_quantizers() if isinstance(module, QuantAttentionMixin) else module.quantizers()
+            if any(q.enabled for _, q in own):
                 yield name, module
 
 

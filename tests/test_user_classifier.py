@@ -66,18 +66,25 @@ def test_user_test_only_classifier_config_end_to_end(tmp_path):
     proc = ptq(cfg, CKPT, '--work-dir', wd, '--max-eval-images', 100)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     res = json.loads((wd / 'results.json').read_text())
-    # 32 train images by default for a classifier, and the console says so
+    # FQ-ViT's protocol asks for 1000 train images of a classifier; a train split
+    # of 64 is used whole, and the console and the record say so
     assert res['task'] == 'classification' and res['scope'] == 'model'
     calib = res['calibration']
-    assert calib['images'] == 32 and calib['images_from'] == 'the classification default'
-    assert calib['split'] == 'train' and len(set(calib['image_ids'])) == 32
-    assert '[mmvq] calibration: 32 images of the train split' in proc.stdout
-    # the head is quantized as FQ-ViT does: int8 weights, uint8 input, uint8 logits
+    assert calib['images'] == 64
+    assert calib['images_from'] == ('quant.calib.images.classification asks for 1000; '
+                                    'the train split holds 64, all used')
+    assert calib['split'] == 'train' and len(set(calib['image_ids'])) == 64
+    assert '[mmvq] calibration: 64 images of the train split' in proc.stdout
+    assert 'asks for 1000; the train split holds 64, all used' in proc.stdout
+    # the head is quantized as FQ-ViT does: int8 weights, uint8 logits, and its
+    # input is the final LayerNorm's 8-bit output (quantized once, there)
     rows = {tuple(line.split()[:2]): line.split()
             for line in (wd / 'quant_summary.txt').read_text().splitlines()[2:-1]}
-    for slot in ('weight', 'input', 'output'):
-        kind, bits = rows[('head.layers.head', slot)][2:4]
-        assert (kind, bits) == ('uniform', '8'), (slot, kind, bits)
+    for layer, slot in (('head.layers.head', 'weight'), ('head.layers.head', 'output'),
+                        ('backbone.ln1', 'output')):
+        kind, bits = rows[(layer, slot)][2:4]
+        assert (kind, bits) == ('uniform', '8'), (layer, slot, kind, bits)
+    assert ('head.layers.head', 'input') not in rows
     # a seeded subset spread over the class-sorted folders, not the first 100
     sub = res['eval_subset']
     assert sub['images'] == 100 and sub['of'] == 300 and sub['seed'] == 0

@@ -78,8 +78,10 @@ def analyze(args):
     n_calib, source = calib_images_for(task, args.calib_images, calib.get('images'))
     split = calib.get('split', 'train')
     samples = CalibrationSamples.from_config(
-        cfg, n_calib, args.seed if args.seed is not None else calib.get('seed', 0), split)
-    runner.logger.info(f'[mmvq] calibration: {n_calib} images of the {split} split ({source})')
+        cfg, n_calib, args.seed if args.seed is not None else calib.get('seed', 0), split,
+        cap=source != '--calib-images')
+    runner.logger.info(f'[mmvq] calibration: {len(samples)} images of the {split} split '
+                       f'({samples.describe(source)})')
     probe = CalibrationSamples.from_config(cfg, args.analysis_images, 0, 'test')
     is_classifier = task == 'classification'
 

@@ -61,9 +61,13 @@ class CalibrationSamples:
         n (int): number of images.
         seed (int): seed of the draw.
         split (str): name of the split, for messages and reports.
+        cap (bool): when ``n`` is a protocol's number rather than the user's
+            ``--calib-images``, a smaller split is used whole (and
+            :attr:`capped_from` records the number asked for) instead of being
+            an error.
     """
 
-    def __init__(self, loader_cfg, pipeline, n, seed=0, split='train'):
+    def __init__(self, loader_cfg, pipeline, n, seed=0, split='train', cap=False):
         ds_cfg = copy.deepcopy(_unwrap(loader_cfg['dataset']))
         ds_cfg['pipeline'] = copy.deepcopy(pipeline)
         ds_cfg['test_mode'] = True
@@ -73,6 +77,9 @@ class CalibrationSamples:
         total = len(self.dataset)
         if not isinstance(n, int) or n < 1:
             raise ValueError(f'--calib-images must be a positive integer, got {n}')
+        self.capped_from = None
+        if n > total and cap:
+            self.capped_from, n = n, total
         if n > total:
             raise ValueError(f'--calib-images {n} is more than the {total} images of the '
                              f'{split} split: use at most {total}')
@@ -82,12 +89,19 @@ class CalibrationSamples:
         self.seed = seed
 
     @classmethod
-    def from_config(cls, cfg, n, seed=0, split='train'):
+    def from_config(cls, cfg, n, seed=0, split='train', cap=False):
         """Draw from ``cfg[f'{split}_dataloader']`` with ``cfg``'s test pipeline."""
         loader = cfg.get(f'{split}_dataloader')
         if loader is None:
             raise ValueError(missing_split_message(split, config_splits(cfg)))
-        return cls(loader, cfg.test_dataloader.dataset.pipeline, n, seed, split)
+        return cls(loader, cfg.test_dataloader.dataset.pipeline, n, seed, split, cap)
+
+    def describe(self, source):
+        """``source`` (where the number came from), with the cap if one applied."""
+        if self.capped_from is None:
+            return source
+        return (f'{source} asks for {self.capped_from}; the {self.split} split holds '
+                f'{len(self)}, all used')
 
     def __len__(self):
         return len(self.indices)

@@ -137,7 +137,10 @@ class PTQLoop(BaseLoop):
                                                       config_splits(self.runner.cfg)))
             self.calib_samples = CalibrationSamples(loader, self.runner.cfg.test_dataloader.dataset
                                                     .pipeline, self.calib_images, self.seed,
-                                                    self.calib_split)
+                                                    self.calib_split,
+                                                    cap=self.calib_source != '--calib-images')
+            self.calib_source = self.calib_samples.describe(self.calib_source)
+            self.calib_images = len(self.calib_samples)
             self.runner.logger.info(
                 f'[mmvq] calibration: {self.calib_images} images of the {self.calib_split} split, '
                 f'seed {self.seed} ({self.calib_source}); scope {self.scope}')
