@@ -144,7 +144,7 @@ def worker(args):
     qcfg = Config.fromfile(osp.join(ROOT, 'configs', '_base_', 'quant', f'{args.method}.py')).quant.to_dict()
     with _Phase(args.device) as cal:
         mmvq.convert(model, qcfg)
-        searches = [mmvq.calibration.make_search(s) for s in qcfg.get('searches', [])]
+        searches = [mmvq.calibration.build_search(s) for s in qcfg.get('searches', [])]
         mmvq.calibrate(model, calib, lambda m, b: m.test_step(b), searches=searches)
     q = evaluate()
     row = dict(model=args.model, method=args.method, name=qcfg.get('name', args.method),

@@ -244,7 +244,7 @@ def main(argv=None):
                 command='python benchmarks/run.py ' + ' '.join(argv if argv is not None
                                                                else sys.argv[1:]))
     md = markdown(rows, meta) + f'Total wall time {meta["total_s"]:.0f} s; `{meta["command"]}`.\n'
-    from mmvq.checkpoint import atomic_write_text
+    from mmvq.utils.io import atomic_write_text
     atomic_write_text(md, osp.join(args.work_dir, 'benchmark.md'))
     atomic_write_text(json.dumps(dict(meta=meta, targets=TARGETS, rows=rows), indent=2) + '\n',
                       osp.join(args.work_dir, 'benchmark.json'))

@@ -38,7 +38,7 @@ MODELS = dict(
 def export(model, path, meta):
     """Float32 state dict + JSON-typed meta; atomic; weights_only-loadable."""
     import torch
-    from mmvq.checkpoint import atomic_torch_save
+    from mmvq.utils.io import atomic_torch_save
     state = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
              for k, v in model.state_dict().items()}
     atomic_torch_save(dict(state_dict=state, meta=json.loads(json.dumps(meta))), path)

@@ -15,9 +15,8 @@ import math
 
 import torch
 
-from .adapters.attention import QuantAttentionMixin
-from .api import enable_quantizers, iter_quantizers
-from .modules.base import QuantModuleMixin
+from .modes import enable_quantizers, iter_quantizers
+from .modules import QuantAttentionMixin, QuantModuleMixin
 from .quantizers import AdaLogQuantizer, LogIntSoftmax, UniformQuantizer
 
 
@@ -40,8 +39,7 @@ def quantized_layers(model):
     e.g. Swin's q @ k^T scores and bias table)."""
     for name, module in model.named_modules():
         if isinstance(module, QuantModuleMixin):
-            own = module.own_quantizers() if isinstance(module, QuantAttentionMixin) else module.quantizers()
-            if any(q.enabled for _, q in own):
+            if any(q.enabled for _, q in module.own_quantizers()):
                 yield name, module
 
 

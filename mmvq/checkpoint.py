@@ -11,55 +11,17 @@ Only strings, ints and tensors: it loads with ``torch.load(weights_only=True)``
 and holds no pickled code. Writes are atomic (temporary file in the same
 folder, then ``os.replace``): a crash mid-write leaves any previous file intact.
 """
-import hashlib
 import json
-import os
 import os.path as osp
-import tempfile
 
 import torch
 
+from .conversion import convert
+from .modes import set_quant_mode
+from .utils.io import atomic_torch_save
+
 FORMAT = 'mmvq-quantized'
 FORMAT_VERSION = 1
-
-
-def _atomic_write(path, mode, write):
-    """Write via a temporary file in the same folder, then ``os.replace``."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the permissions open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_torch_save(obj, path):
-    """``torch.save`` to ``path`` atomically."""
-    _atomic_write(path, 'wb', lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text, path):
-    """Write a text file atomically."""
-    _atomic_write(path, 'w', lambda f: f.write(text))
-
-
-def file_sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_quantized(model, path, qcfg, meta=None):
@@ -114,7 +76,6 @@ def load_quantized(model, path, qcfg=None):
     Returns:
         dict: the checkpoint's ``meta``.
     """
-    from .api import convert, set_quant_mode
     saved_qcfg, meta, state = read_quantized(path)
     if qcfg is not None and json.loads(json.dumps(qcfg, sort_keys=True, default=str)) != saved_qcfg:
         raise ValueError(f'{path} was made with a different quantization config; '

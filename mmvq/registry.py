@@ -3,10 +3,13 @@
 mmvq follows the layout of OpenMMLab plugin projects (mmdet ``projects/``,
 mmyolo): the registries below are *children* of mmengine's root registries, so
 a config whose default scope is ``mmdet`` or ``mmpretrain`` reaches mmvq types
-as ``mmvq.Name`` (e.g. ``test_cfg=dict(type='mmvq.PTQLoop')``).
+as ``mmvq.Name`` (``test_cfg=dict(type='mmvq.PTQLoop')``,
+``custom_hooks=[dict(type='mmvq.PTQHook')]``).
 
 ``QUANTIZERS`` is mmvq's own root registry: quantizers are pure tensor math and
-are built from quantization configs, never from a model config.
+are built from quantization configs, never from a model config. ``SEARCHES``
+(calibration search stages: ``fpcs``, ``igq_allocation``) likewise, from
+``quant.searches``.
 
 ``QUANT_WRAPPERS`` maps an original module class (``nn.Linear``,
 ``nn.LayerNorm``, mmdet's ``WindowMSA`` ...) to the quantized wrapper class that
@@ -15,15 +18,14 @@ replaces it in place, as NVIDIA ModelOpt's ``QuantModuleRegistry`` does.
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import LOOPS as MMENGINE_LOOPS
 from mmengine.registry import MODEL_WRAPPERS as MMENGINE_MODEL_WRAPPERS
-from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import Registry
 
-MODELS = Registry('model', parent=MMENGINE_MODELS, locations=['mmvq.modules'])
-LOOPS = Registry('loop', parent=MMENGINE_LOOPS, locations=['mmvq.calibration'])
-HOOKS = Registry('hook', parent=MMENGINE_HOOKS, locations=['mmvq.calibration'])
+LOOPS = Registry('loop', parent=MMENGINE_LOOPS, locations=['mmvq.runner'])
+HOOKS = Registry('hook', parent=MMENGINE_HOOKS, locations=['mmvq.runner'])
 MODEL_WRAPPERS = Registry('model_wrapper', parent=MMENGINE_MODEL_WRAPPERS,
-                          locations=['mmvq.calibration'])
+                          locations=['mmvq.runner'])
 QUANTIZERS = Registry('quantizer', scope='mmvq', locations=['mmvq.quantizers'])
+SEARCHES = Registry('search', scope='mmvq', locations=['mmvq.calibration'])
 
 
 class WrapperRegistry:

@@ -108,7 +108,7 @@ def test_profile_report_labels_mmvq_modules(tmp_path):
     import torch.nn as nn
     from mmvq.modules.base import swap_class
     from mmvq.modules.linear import QuantLinear
-    from mmvq.utils.profiling import profile_to
+    from mmvq.runner.profiling import profile_to
     lin = swap_class(nn.Linear(16, 8), QuantLinear)
     lin.quant_setup(dict(input=dict(type='UniformQuantizer', bits=8)))
     q = lin.input_quantizer.set_mode('calib')

@@ -41,8 +41,7 @@ def _quantize_and_run(model, batch, forward):
 
 
 def _check_quant_block(cfg, task):
-    from mmvq.calibration import validate_qcfg
-    from mmvq.calibration.data import calib_images_for
+    from mmvq.schema import calib_images_for, validate_qcfg
     validate_qcfg(cfg.quant)
     assert cfg.quant.calib.split == 'train' and cfg.quant['scope'] == 'auto'
     assert cfg.custom_imports.imports == ['mmvq']

@@ -1,9 +1,10 @@
 """Package plumbing: registries, environment report, config helpers."""
 import pytest
-from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import HOOKS as MMENGINE_HOOKS
+from mmengine.registry import LOOPS as MMENGINE_LOOPS
 
 import mmvq
-from mmvq.registry import MODELS, QUANT_WRAPPERS, QUANTIZERS
+from mmvq.registry import HOOKS, LOOPS, QUANT_WRAPPERS, QUANTIZERS, SEARCHES
 from mmvq.utils import collect_env, load_config, resolve_config_path
 
 
@@ -11,7 +12,9 @@ def test_import_registers_every_quantizer_and_wrapper():
     import torch.nn as nn
     assert {'UniformQuantizer', 'PTFQuantizer', 'LogIntSoftmax', 'AdaLogQuantizer',
             'IGQQuantizer'} <= set(QUANTIZERS.module_dict)
-    assert MODELS.parent is MMENGINE_MODELS and MODELS.scope == 'mmvq'
+    assert {'fpcs', 'igq_allocation'} == set(SEARCHES.module_dict)
+    assert HOOKS.parent is MMENGINE_HOOKS and HOOKS.scope == 'mmvq' and 'PTQHook' in HOOKS
+    assert LOOPS.parent is MMENGINE_LOOPS and LOOPS.scope == 'mmvq' and 'PTQLoop' in LOOPS
     for cls in (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Softmax):
         assert cls in QUANT_WRAPPERS
     assert nn.ConvTranspose2d not in QUANT_WRAPPERS

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import mmvq
-from mmvq.checkpoint import atomic_torch_save, read_quantized, save_quantized
+from mmvq.checkpoint import read_quantized, save_quantized
+from mmvq.utils.io import atomic_torch_save
 from test_ptq_tool import compose, ptq
 
 

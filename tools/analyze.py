@@ -62,9 +62,9 @@ def analyze(args):
     import mmvq
     from mmvq import analysis
     from mmvq.adapters import model_task
-    from mmvq.calibration import CalibrationSamples, make_search, run_calibration
-    from mmvq.calibration.data import calib_images_for
-    from mmvq.checkpoint import atomic_write_text
+    from mmvq.calibration import CalibrationSamples, build_search, run_calibration
+    from mmvq.schema import calib_images_for
+    from mmvq.utils.io import atomic_write_text
     from mmvq.modules import QuantLayerNorm, QuantLinear, QuantMatMul
     from ptq import build_runner
 
@@ -94,7 +94,7 @@ def analyze(args):
     probe_inputs = [inputs_of(probe[i]) for i in range(len(probe))]
     mmvq.convert(model, qcfg)
     run_calibration(model, samples, lambda m, b: m.test_step(b),
-                    [make_search(s) for s in qcfg.get('searches', [])], runner.logger)
+                    [build_search(s) for s in qcfg.get('searches', [])], runner.logger)
     rows, total = analysis.layer_sensitivity(model, probe_inputs, output_fn)
     title = qcfg.get('name', osp.basename(args.config))
     work = cfg.work_dir

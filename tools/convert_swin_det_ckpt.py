@@ -24,7 +24,7 @@ def main(argv=None):
 
     import torch
 
-    from mmvq.checkpoint import atomic_torch_save, file_sha256
+    from mmvq.utils.io import atomic_torch_save, file_sha256
     from mmvq.utils.swin_ckpt import convert_swin_det_state_dict
 
     if not osp.isfile(args.src):

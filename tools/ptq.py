@@ -93,7 +93,7 @@ def build_runner(args):
     from mmengine.runner import Runner
 
     import mmvq  # noqa: F401  (registers mmvq.PTQLoop)
-    from mmvq.calibration import validate_qcfg
+    from mmvq.schema import check_calib_images, validate_qcfg
     from mmvq.calibration.data import config_splits, missing_split_message
     from mmvq.utils import checks
     from mmvq.utils.console import QuietConsoleRunner
@@ -107,8 +107,7 @@ def build_runner(args):
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
     validate_qcfg(cfg.get('quant'))
-    if args.calib_images is not None and args.calib_images < 1:
-        raise checks.UserInputError(f'--calib-images must be at least 1, got {args.calib_images}')
+    check_calib_images(args.calib_images)
     if args.eval_repeats < 1:
         raise checks.UserInputError(f'--eval-repeats must be at least 1, got {args.eval_repeats}')
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):

@@ -16,7 +16,7 @@ PatchMerging ``reduction`` (``reduction_input``).
 import mmdet.models.backbones.swin as mmdet_swin
 from mmdet.models.layers import PatchMerging as MMDetPatchMerging
 
-from .attention import QuantAttentionMixin
+from ..modules.attention import QuantAttentionMixin
 from .base import BaseAdapter, register_adapter
 
 

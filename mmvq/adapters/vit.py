@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..modules.base import QuantModuleMixin, float_class
-from .attention import QuantAttentionMixin
+from ..modules.attention import QuantAttentionMixin
 from .base import BaseAdapter, Site, register_adapter
 
 

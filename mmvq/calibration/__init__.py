@@ -1,14 +1,13 @@
-"""Calibration: driver, search stages (FPCS, IGQ allocation), PTQ loop."""
-from .driver import initialise_parameters, observe, run_calibration, sync_observers
-from .fpcs import FPCS, make_search
+"""Calibration: the driver, its search stages (``SEARCHES``: FPCS, IGQ
+allocation), LayerNorm/bias reparameterization and calibration samples."""
+from .data import CalibrationSamples
+from .driver import (finish_calibration, initialise_parameters, observe, run_calibration,
+                     sync_observers)
+from .fpcs import FPCS
 from .igq_alloc import IGQAllocation, solve_mckp
+from .reparam import fold_adalog_shifts
+from .search import BaseSearch, build_search
 
-__all__ = ['run_calibration', 'observe', 'sync_observers', 'initialise_parameters', 'FPCS',
-           'IGQAllocation', 'make_search', 'solve_mckp']
-from .data import CalibrationSamples  # noqa: E402
-from .loop import PTQLoop, validate_qcfg  # noqa: E402
-
-__all__ += ['CalibrationSamples', 'PTQLoop', 'validate_qcfg']
-from .wrapper import InferenceOnlyWrapper  # noqa: E402
-
-__all__ += ['InferenceOnlyWrapper']
+__all__ = ['run_calibration', 'observe', 'sync_observers', 'initialise_parameters',
+           'finish_calibration', 'fold_adalog_shifts', 'BaseSearch', 'build_search', 'FPCS',
+           'IGQAllocation', 'solve_mckp', 'CalibrationSamples']

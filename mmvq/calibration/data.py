@@ -1,45 +1,15 @@
 """Calibration samples (from the train split, never from the evaluation
-images), the task's default calibration size and seeded evaluation subsets."""
+images) and seeded evaluation subsets; how many images is the schema's
+(:func:`mmvq.schema.calib_images_for`)."""
 import copy
 
 import torch
 from mmengine.dataset import pseudo_collate
 from mmengine.registry import DATASETS
 
+from ..schema import check_calib_images
+
 WRAPPERS = ('RepeatDataset', 'ClassBalancedDataset', 'MultiImageMixDataset')
-
-# calibration images when neither --calib-images nor the block's calib.images
-# says: the papers' protocols (ImageNet: 32 train images for AdaLog, RepQ-ViT,
-# IGQ-ViT; COCO: 1 image for RepQ-ViT, IGQ-ViT, APHQ-ViT)
-DEFAULT_CALIB_IMAGES = dict(classification=32, detection=1)
-FALLBACK_CALIB_IMAGES = 1
-
-
-def calib_images_for(task, cli=None, block=None):
-    """Number of calibration images and where it came from.
-
-    Args:
-        task (str | None): ``'classification'``, ``'detection'`` or None.
-        cli (int | None): ``--calib-images``.
-        block (int | dict | None): the quantization block's ``calib.images``;
-            a dict gives it per task (``dict(classification=1000)``: FQ-ViT's
-            10 batches of 100), the default for tasks it does not name.
-
-    Returns:
-        tuple[int, str]: the number and a phrase naming its source.
-    """
-    if cli is not None:
-        return cli, '--calib-images'
-    if isinstance(block, dict):
-        if task in block:
-            return block[task], f'quant.calib.images.{task}'
-        block = None
-    if block is not None:
-        return block, 'quant.calib.images'
-    if task in DEFAULT_CALIB_IMAGES:
-        return DEFAULT_CALIB_IMAGES[task], f'the {task} default'
-    return FALLBACK_CALIB_IMAGES, 'the default for an unknown task'
-
 
 def _unwrap(ds_cfg):
     while isinstance(ds_cfg, dict) and str(ds_cfg.get('type', '')).split('.')[-1] in WRAPPERS:
@@ -75,8 +45,7 @@ class CalibrationSamples:
             ds_cfg['filter_cfg'] = None
         self.dataset = DATASETS.build(ds_cfg)
         total = len(self.dataset)
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f'--calib-images must be a positive integer, got {n}')
+        check_calib_images(n)
         self.capped_from = None
         if n > total and cap:
             self.capped_from, n = n, total

@@ -10,9 +10,10 @@ Flow (:func:`run_calibration`):
    every search cache) so each rank holds exactly what one process seeing all
    samples would hold, reduced in position order — hence identical
    quantization parameters on every rank and for any world size;
-3. observers -> initial parameters (:func:`mmvq.api.finish_calibration`
-   without leaving calib state), then the configured searches (FPCS, IGQ
-   group allocation) on the cached layer inputs, all deterministic;
+3. observers -> initial parameters (:func:`finish_calibration` without
+   leaving calib state), then the configured searches
+   (:mod:`mmvq.calibration.search`: FPCS, IGQ group allocation) on the
+   cached layer inputs, all deterministic;
 4. AdaLog shift folding and ``quant`` mode; every observer record and search
    cache is dropped and the freed memory handed back (``gc``, the CUDA
    caching allocator, glibc's ``malloc_trim``), so the quantized evaluation
@@ -29,10 +30,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..api import fold_adalog_shifts, iter_quantizers, set_quant_mode
+from ..modes import iter_quantizers, set_quant_mode
 from ..quantizers.observers import DEFAULT_STORE, KeyedObserver, calibration_step, store_policy
 from ..utils.memory import release_memory
 from .cache import iter_search_caches
+from .reparam import fold_adalog_shifts
+from .search import build_search
 
 
 def _world():
@@ -118,8 +121,8 @@ def run_calibration(model, samples, forward_fn, searches=(), logger=None, progre
         model (nn.Module): converted model.
         samples (Sequence): calibration samples, indexable.
         forward_fn (callable): ``forward_fn(model, sample)``.
-        searches (Sequence[callable]): ``search(model, log)`` stages run after
-            the observers (FPCS, IGQ allocation ...), each timed.
+        searches (Sequence[BaseSearch | dict]): search stages (or their
+            configs) run after the observers, each timed.
         logger: object with ``.info`` (mmengine logger) or ``None``.
         progress (callable | None): called with each processed position.
         store (dict | None): observer store policy ``dict(device, max_bytes)``
@@ -129,27 +132,33 @@ def run_calibration(model, samples, forward_fn, searches=(), logger=None, progre
         dict: wall time per stage in seconds.
     """
     log = logger.info if logger is not None else (lambda msg: None)
+    searches = [build_search(s) for s in searches]
     times = {}
-    for search in searches:
-        if hasattr(search, 'attach'):
+    try:
+        for search in searches:
             search.attach(model)
-    store = store or store_settings(getattr(model, '_mmvq_qcfg', None))
-    t0 = time.perf_counter()
-    with store_policy(**store):
-        observe(model, samples, forward_fn, progress)
-    sync_observers(model)
-    times['observe'] = time.perf_counter() - t0
-    log(f'[mmvq] calibration forwards: {len(samples)} samples in {times["observe"]:.2f} s')
-    t0 = time.perf_counter()
-    initialise_parameters(model)
-    times['init_params'] = time.perf_counter() - t0
-    log(f'[mmvq] initial quantization parameters in {times["init_params"]:.2f} s')
-    for search in searches:
-        name = getattr(search, 'name', type(search).__name__)
+        store = store or store_settings(getattr(model, '_mmvq_qcfg', None))
         t0 = time.perf_counter()
-        search(model, log)
-        times[name] = time.perf_counter() - t0
-        log(f'[mmvq] search {name} in {times[name]:.2f} s')
+        with store_policy(**store):
+            observe(model, samples, forward_fn, progress)
+        sync_observers(model)
+        times['observe'] = time.perf_counter() - t0
+        log(f'[mmvq] calibration forwards: {len(samples)} samples in {times["observe"]:.2f} s')
+        t0 = time.perf_counter()
+        initialise_parameters(model)
+        times['init_params'] = time.perf_counter() - t0
+        log(f'[mmvq] initial quantization parameters in {times["init_params"]:.2f} s')
+        for search in searches:
+            t0 = time.perf_counter()
+            try:
+                search.run(model, log)
+            finally:
+                search.detach(model)
+            times[search.name] = time.perf_counter() - t0
+            log(f'[mmvq] search {search.name} in {times[search.name]:.2f} s')
+    finally:
+        for search in searches:
+            search.detach(model)
     finalize(model)
     return times
 
@@ -164,3 +173,15 @@ def finalize(model):
     fold_adalog_shifts(model)
     set_quant_mode(model, 'quant')          # re-read the folded flags on the host
     release_memory()
+
+
+def finish_calibration(model):
+    """Observers -> parameters, then quant mode (for hand-driven calib passes).
+
+    Use after running forwards yourself with ``set_quant_mode(model, 'calib')``;
+    merges observers across ranks, fits every quantizer, folds AdaLog shifts.
+    """
+    sync_observers(model)
+    initialise_parameters(model)
+    finalize(model)
+    return model

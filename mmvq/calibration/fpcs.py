@@ -74,13 +74,15 @@ from ..modules.base import module_device
 from ..modules.linear import QuantConv2d, QuantLinear
 from ..modules.matmul import QuantMatMul
 from ..quantizers.adalog import AdaLogQuantizer
-from ..quantizers.uniform import UniformQuantizer, affine_params, fake_quant_affine
-from ..utils.progress import progress_iter
 from ..adapters import model_task
-from .budget import DeviceBudget, model_device
-from .cache import attach_search_cache, detach_search_cache
+from ..quantizers.uniform import UniformQuantizer, affine_params, fake_quant_affine
+from ..registry import SEARCHES
+from ..utils.progress import progress_iter
+from .budget import model_device
+from .cache import attach_search_cache
 from .grid import positive_percentiles, row_fpcs, row_grid, self_losses
 from .reparam import ln_linear_pairs, reparameterize
+from .search import BaseSearch
 
 CHUNK_ELEMS = 1 << 25
 
@@ -109,7 +111,8 @@ def _batched_losses(make, n, per_cand_elems, loss):
     return torch.cat([loss(make(i, min(n, i + chunk))) for i in range(0, n, chunk)])
 
 
-class FPCS(DeviceBudget):
+@SEARCHES.register_module(name='fpcs')
+class FPCS(BaseSearch):
     """FPCS search stage for :func:`mmvq.calibration.run_calibration`.
 
     Args:
@@ -181,7 +184,7 @@ class FPCS(DeviceBudget):
 
 
     # ------------------------------------------------------------ targets
-    def _targets(self, model):
+    def targets(self, model):
         for name, m in model.named_modules():
             if isinstance(m, QuantLinear):
                 iq = m.input_quantizer
@@ -202,7 +205,7 @@ class FPCS(DeviceBudget):
 
     def attach(self, model):
         self.set_device(model_device(model))
-        for _, m, kind in self._targets(model):
+        for _, m, kind in self.targets(model):
             if kind in ('adalog_matmul', 'uniform_matmul'):
                 attach_search_cache(m, 'matmul', max_windows=self.max_windows)
             elif kind == 'conv_weight':
@@ -210,11 +213,7 @@ class FPCS(DeviceBudget):
             else:
                 attach_search_cache(m, 'linear', max_tokens=self.max_tokens)
 
-    def detach(self, model):
-        for _, m, _ in self._targets(model):
-            detach_search_cache(m)
-
-    def __call__(self, model, log):
+    def run(self, model, log):
         n = {'adalog_linear': 0, 'uniform_linear': 0, 'adalog_matmul': 0, 'reparam': 0,
              'conv_weight': 0, 'uniform_matmul': 0}
         lns = {}
@@ -223,7 +222,7 @@ class FPCS(DeviceBudget):
             if padded is None:        # exact only where windows are never padded
                 padded = model_task(model) == 'classification'
             lns = {lin: ln for _, ln, lin, _ in ln_linear_pairs(model, padded)}
-        for name, m, kind in progress_iter(list(self._targets(model)), 'FPCS'):
+        for name, m, kind in progress_iter(list(self.targets(model)), 'FPCS'):
             cache = getattr(m, '_mmvq_cache', None)
             if cache is None or cache.empty:
                 continue
@@ -251,7 +250,6 @@ class FPCS(DeviceBudget):
                         self._search_uniform_linear(m, x, own=True)
                         self.report[name] = self._search_uniform_linear(m, x)
             n[kind] += 1
-        self.detach(model)
         log(f'[mmvq] FPCS: {n["adalog_linear"]} post-GELU AdaLog, {n["adalog_matmul"]} '
             f'post-softmax AdaLog, {n["uniform_linear"]} uniform Linear inputs'
             + (f', {n["uniform_matmul"]} q @ k^T' if self.search_attention else '')
@@ -536,15 +534,4 @@ class FPCS(DeviceBudget):
         bq.set_range(best[:, 0], best[:, 1])
 
 
-def make_search(cfg):
-    """Build a search stage from a config dict ``dict(type='fpcs', ...)``."""
-    from .igq_alloc import IGQAllocation
-    cfg = dict(cfg)
-    kind = cfg.pop('type')
-    table = {'fpcs': FPCS, 'igq_allocation': IGQAllocation}
-    if kind not in table:
-        raise KeyError(f'unknown search {kind!r}; use one of {sorted(table)}')
-    return table[kind](**cfg)
-
-
-__all__ = ['FPCS', 'make_search']
+__all__ = ['FPCS']

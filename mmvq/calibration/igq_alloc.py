@@ -37,9 +37,11 @@ from ..modules.linear import QuantLinear
 from ..modules.matmul import QuantMatMul
 from ..quantizers.igq import IGQQuantizer
 from ..quantizers.uniform import UniformQuantizer
+from ..registry import SEARCHES
 from ..utils.progress import progress_iter
-from .budget import DeviceBudget, model_device
-from .cache import attach_search_cache, detach_search_cache
+from .budget import model_device
+from .cache import attach_search_cache
+from .search import BaseSearch
 
 
 def solve_mckp(costs, losses, budget, resolution=2000):
@@ -82,7 +84,8 @@ def solve_mckp(costs, losses, budget, resolution=2000):
     return picks[::-1]
 
 
-class IGQAllocation(DeviceBudget):
+@SEARCHES.register_module(name='igq_allocation')
+class IGQAllocation(BaseSearch):
     """Allocate IGQ group counts per layer (search stage).
 
     Args:
@@ -114,19 +117,19 @@ class IGQAllocation(DeviceBudget):
         self.set_device('cpu')
 
 
-    def _targets(self, model):
+    def targets(self, model):
         for name, m in model.named_modules():
             if isinstance(m, QuantLinear) and isinstance(m.input_quantizer, IGQQuantizer) \
                     and m.input_quantizer.enabled:
-                yield name, m, m.input_quantizer
+                yield name, m, 'linear'
             elif isinstance(m, QuantMatMul) and isinstance(m.a_quantizer, IGQQuantizer) \
                     and m.a_quantizer.enabled:
-                yield name, m, m.a_quantizer
+                yield name, m, 'matmul'
 
     def attach(self, model):
         self.set_device(model_device(model))
-        for _, m, _ in self._targets(model):
-            if isinstance(m, QuantMatMul):
+        for _, m, kind in self.targets(model):
+            if kind == 'matmul':
                 attach_search_cache(m, 'matmul', max_windows=self.max_windows)
             else:
                 attach_search_cache(m, 'linear', max_tokens=self.max_tokens)
@@ -178,16 +181,16 @@ class IGQAllocation(DeviceBudget):
             opts.append((groups, float(bop), float(err(self._refit(q, groups)))))
         return opts
 
-    def __call__(self, model, log):
+    def run(self, model, log):
         layers = []
         with torch.no_grad():
-            for name, m, q in progress_iter(list(self._targets(model)), 'IGQ allocation'):
+            for name, m, kind in progress_iter(list(self.targets(model)), 'IGQ allocation'):
                 cache = getattr(m, '_mmvq_cache', None)
                 if cache is None or cache.empty:
                     continue
+                q = m.a_quantizer if kind == 'matmul' else m.input_quantizer
                 layers.append((name, m, q, self._layer_options(m, q, cache)))
-        for _, m, _ in list(self._targets(model)):
-            detach_search_cache(m)
+        self.detach(model)                    # the caches' memory before the solver
         if not layers:
             return
         budget = 0.0

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from ..modules.linear import QuantLinear
+from ..quantizers.adalog import AdaLogQuantizer
 from ..quantizers.uniform import UniformQuantizer
 from .grid import row_fpcs, row_grid, self_losses
 
@@ -125,3 +126,13 @@ def reparameterize(ln, linear, x):
         wq.observe(linear.weight)
         wq.calibrate()
     return r, b
+
+
+def fold_adalog_shifts(model):
+    """Fold every shifted AdaLog input quantizer into its Linear's bias
+    (AdaLog's bias reparameterization of the post-GELU shift)."""
+    for module in model.modules():
+        q = getattr(module, 'input_quantizer', None)
+        if (isinstance(module, nn.Linear) and isinstance(q, AdaLogQuantizer) and q.shifted
+                and q.enabled and q.is_calibrated()):
+            q.fold_shift_into(module)

@@ -87,6 +87,12 @@ class QuantModuleMixin:
             if q is not None and not isinstance(q, nn.Identity):
                 yield slot, q
 
+    def own_quantizers(self):
+        """The quantizers this module holds itself, not through wrapped
+        children (a row each in summaries and sensitivity tables); for most
+        wrappers all of :meth:`quantizers`."""
+        return self.quantizers()
+
 
 def module_device(module):
     """Device of a module's first parameter or buffer; a module holding

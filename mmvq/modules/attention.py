@@ -1,10 +1,14 @@
-"""Shared pieces of the attention wrappers (matmuls + softmax as modules)."""
+"""Shared pieces of the attention wrappers (matmuls + softmax as modules).
+
+The backbone-specific wrappers (mmdet's ``WindowMSA``, mmpretrain's
+``MultiheadAttention``) mix this in from :mod:`mmvq.adapters`.
+"""
 import torch
 import torch.nn as nn
 
-from ..modules.base import QuantModuleMixin, build_quantizer, module_device, swap_class
-from ..modules.matmul import QuantMatMul
-from ..modules.softmax import QuantSoftmax
+from .base import QuantModuleMixin, build_quantizer, module_device, swap_class
+from .matmul import QuantMatMul
+from .softmax import QuantSoftmax
 
 
 class QuantAttentionMixin(QuantModuleMixin):
@@ -49,7 +53,8 @@ class QuantAttentionMixin(QuantModuleMixin):
         yield from self.own_quantizers()
 
     def own_quantizers(self):
-        """``(slot, quantizer)`` of the :attr:`own_slots` that are set."""
+        """``(slot, quantizer)`` of the :attr:`own_slots` that are set (the
+        matmul / softmax children list theirs themselves)."""
         for slot in self.own_slots:
             q = getattr(self, f'{slot}_quantizer', None)
             if q is not None and not isinstance(q, nn.Identity):

@@ -2,12 +2,12 @@
 every mmvq wrapper and quantizer labelled (``tools/ptq.py --profile``)."""
 import contextlib
 
-from ..checkpoint import atomic_write_text
+from ..modules.base import QuantModuleMixin
+from ..quantizers.base import BaseQuantizer
+from ..utils.io import atomic_write_text
 
 
 def _label(module):
-    from ..modules.base import QuantModuleMixin
-    from ..quantizers.base import BaseQuantizer
     if isinstance(module, BaseQuantizer):
         return f'mmvq.quantizer[{module.kind}]'
     if isinstance(module, QuantModuleMixin):

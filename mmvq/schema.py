@@ -1,0 +1,155 @@
+"""The quantization block's schema: keys, scopes, role fallbacks, calibration
+settings and their validation (plain dicts; no model, no torch).
+
+One place for what a ``quant = dict(...)`` block may say, used alike by
+:func:`mmvq.convert`, ``mmvq.PTQLoop``, ``mmvq.PTQHook`` and the tools::
+
+    quant = dict(
+        name='AdaLog W4A4',              # for reports
+        scope='auto',                    # SCOPES
+        integer_layernorm=False,         # FQ-ViT integer LayerNorm (needs PTF)
+        residual_stream=False,           # FQ-ViT: LN input quantizers also on the skips
+        roles=dict(...),                 # quantizer config per role (ROLE_FALLBACK)
+        overrides=[dict(name='*patch_embed*', roles=dict(...))],
+        searches=[dict(type='fpcs', ...)],   # mmvq.SEARCHES
+        calib=dict(split='train', seed=0, images=None,      # CALIB_KEYS
+                   store_device='cpu', store_mb=64),
+    )
+"""
+
+QCFG_KEYS = ('name', 'scope', 'integer_layernorm', 'residual_stream', 'roles', 'overrides',
+             'searches', 'calib')
+CALIB_KEYS = ('images', 'split', 'seed', 'store_device', 'store_mb')
+SCOPES = ('auto', 'backbone', 'model', 'detector')
+
+ROLE_FALLBACK = {
+    'linear_weight': 'weight', 'conv_weight': 'weight',
+    'qkv_input': 'linear_input', 'proj_input': 'linear_input', 'fc1_input': 'linear_input',
+    'fc2_input': 'linear_input', 'reduction_input': 'linear_input',
+    'cls_head_input': 'head_input', 'head_input': 'linear_input', 'linear_input': 'act',
+    'patch_embed_input': 'conv_input', 'conv_input': 'act',
+    'q': 'matmul_input', 'k': 'matmul_input', 'v': 'matmul_input', 'matmul_input': 'act',
+    'attn_probs': 'act',
+}
+MISSING = object()
+
+# calibration images when neither --calib-images nor the block's calib.images
+# says: the papers' protocols (ImageNet: 32 train images for AdaLog, RepQ-ViT,
+# IGQ-ViT; COCO: 1 image for RepQ-ViT, IGQ-ViT, APHQ-ViT)
+DEFAULT_CALIB_IMAGES = dict(classification=32, detection=1)
+FALLBACK_CALIB_IMAGES = 1
+
+
+def calib_images_for(task, cli=None, block=None):
+    """Number of calibration images and where it came from.
+
+    Args:
+        task (str | None): ``'classification'``, ``'detection'`` or None.
+        cli (int | None): ``--calib-images``.
+        block (int | dict | None): the quantization block's ``calib.images``;
+            a dict gives it per task (``dict(classification=1000)``: FQ-ViT's
+            10 batches of 100), the default for tasks it does not name.
+
+    Returns:
+        tuple[int, str]: the number and a phrase naming its source.
+    """
+    if cli is not None:
+        return cli, '--calib-images'
+    if isinstance(block, dict):
+        if task in block:
+            return block[task], f'quant.calib.images.{task}'
+        block = None
+    if block is not None:
+        return block, 'quant.calib.images'
+    if task in DEFAULT_CALIB_IMAGES:
+        return DEFAULT_CALIB_IMAGES[task], f'the {task} default'
+    return FALLBACK_CALIB_IMAGES, 'the default for an unknown task'
+
+
+def validate_qcfg(qcfg):
+    """Raise a one-line error for an unusable quantization block."""
+    if not isinstance(qcfg, dict):
+        raise ValueError('the config has no `quant` block: add `quant = dict(...)` '
+                         '(see configs/_base_/quant/)')
+    unknown = set(qcfg) - set(QCFG_KEYS)
+    if unknown:
+        raise ValueError(f'unknown key(s) {sorted(unknown)} in the quant block; allowed: '
+                         f'{sorted(QCFG_KEYS)}')
+    calib = qcfg.get('calib') or {}
+    unknown = set(calib) - set(CALIB_KEYS)
+    if unknown:
+        raise ValueError(f'unknown key(s) {sorted(unknown)} in quant.calib; allowed: '
+                         f'{sorted(CALIB_KEYS)}')
+    if qcfg.get('scope', 'auto') not in SCOPES:
+        raise ValueError(f'scope={qcfg["scope"]!r}: use one of {SCOPES}')
+    for search in qcfg.get('searches') or []:
+        if not isinstance(search, dict) or 'type' not in search:
+            raise ValueError(f'quant.searches holds {search!r}: each search is a dict with a '
+                             "`type` (e.g. dict(type='fpcs'))")
+
+
+def check_calib_images(n, what='--calib-images'):
+    """``n`` (None or a positive int) or a one-line error naming ``what``."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f'{what} must be at least 1, got {n}')
+    return n
+
+
+def calib_settings(qcfg, images=None, split=None, seed=None):
+    """The calibration split and seed: explicit values over the block's
+    ``calib`` over the defaults (``'train'``, 0). ``images`` is only checked
+    here; :func:`calib_images_for` resolves it once the task is known.
+
+    Returns:
+        dict: ``images`` (checked, maybe None), ``split``, ``seed``.
+    """
+    calib = dict((qcfg or {}).get('calib') or {})
+    return dict(images=check_calib_images(images),
+                split=split or calib.get('split', 'train'),
+                seed=seed if seed is not None else calib.get('seed', 0))
+
+
+def scope_for_task(task, scope='auto'):
+    """The scope ``scope`` means for a model of ``task``.
+
+    ``'auto'`` is ``'model'`` for a classifier (its head is quantized, as in
+    the papers' ImageNet tables) and ``'backbone'`` otherwise; ``'detector'``
+    is an alias of ``'model'``.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f'scope={scope!r}: use one of {SCOPES}')
+    if scope == 'auto':
+        return 'model' if task == 'classification' else 'backbone'
+    return 'model' if scope == 'detector' else scope
+
+
+def resolve_role(roles, role):
+    """Quantizer config of ``role`` following the fallback chain (or None)."""
+    seen = role
+    while seen is not None:
+        if seen in roles:
+            cfg = roles[seen]
+            return None if cfg is None else dict(cfg)
+        seen = ROLE_FALLBACK.get(seen)
+    return None
+
+
+def chain_lookup(roles, role):
+    """The entry for ``role`` or its nearest fallback ancestor (or MISSING)."""
+    while role is not None:
+        if role in roles:
+            return roles[role]
+        role = ROLE_FALLBACK.get(role)
+    return MISSING
+
+
+def apply_override(cfg, override):
+    if override is MISSING:
+        return cfg
+    if override is None:
+        return None
+    override = dict(override)
+    if cfg is None or 'type' in override:
+        return override if 'type' in override else None
+    cfg.update(override)
+    return cfg
