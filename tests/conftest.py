@@ -1,14 +1,10 @@
 """Shared fixtures: paths to ../shared data and the OpenMMLab scope set-up."""
-import os
 import os.path as osp
 import warnings
 
 import pytest
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-SHARED = osp.abspath(os.environ.get('MMVQ_SHARED', osp.join(ROOT, '..', 'shared')))
-COCO_MINI = osp.join(SHARED, 'data', 'coco_mini')
-CONFIGS = osp.join(ROOT, 'configs')
+from helpers import COCO_MINI
 
 warnings.filterwarnings('ignore', message='.*pkg_resources is deprecated.*')
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import mmvq
-from conftest import CONFIGS
+from helpers import CONFIGS, sqnr
 from mmvq.utils import load_config
 
 W8 = dict(type='UniformQuantizer', bits=8, symmetric=True, granularity='channel', ch_axis=0)
@@ -38,10 +38,6 @@ def run(model, img):
         result = inference_detector(model, img)
     h.remove()
     return result, feats['neck']
-
-
-def sqnr(a, b):
-    return float(10 * torch.log10(a.pow(2).sum() / (a - b).pow(2).sum().clamp(min=1e-30)))
 
 
 def type_counts(model):

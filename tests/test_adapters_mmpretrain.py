@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import mmvq
+from helpers import build_classifier as build_from_cfg
+from helpers import sqnr
 from mmvq.utils import load_config
 
 W8 = dict(type='UniformQuantizer', bits=8, symmetric=True, granularity='channel', ch_axis=0)
@@ -29,21 +31,6 @@ def build(path):
     return build_from_cfg(load_config(path))
 
 
-def build_from_cfg(cfg):
-    """An mmpretrain classifier with random (seeded) weights, in eval mode."""
-    import mmpretrain.utils
-    from mmengine.registry import DefaultScope
-    from mmpretrain.registry import MODELS
-    mmpretrain.utils.register_all_modules(init_default_scope=False)
-    cfg.model.backbone.init_cfg = None
-    cfg.model.pop('init_cfg', None)
-    torch.manual_seed(0)
-    with DefaultScope.overwrite_default_scope('mmpretrain'):
-        model = MODELS.build(cfg.model)
-    model.eval()
-    return model
-
-
 def image_batch(path):
     img = mmcv.imread(path, channel_order='rgb')
     img = mmcv.imresize(img, (224, 224))
@@ -56,10 +43,6 @@ def image_batch(path):
 def logits(model, x):
     with torch.no_grad():
         return model(x, mode='tensor')
-
-
-def sqnr(a, b):
-    return float(10 * torch.log10(a.pow(2).sum() / (a - b).pow(2).sum().clamp(min=1e-30)))
 
 
 @pytest.mark.parametrize('name', list(CLASSIFIERS))

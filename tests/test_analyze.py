@@ -7,8 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, ROOT
-from test_ptq_tool import compose
+from helpers import CONFIGS, ROOT, compose, tiny_config
 
 PLOTS = ('ln_channel_ranges', 'post_softmax_hist', 'post_gelu_hist')
 
@@ -40,13 +39,6 @@ def analyze(cfg, wd, *extra):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
     return proc
-
-
-def tiny_config(tmp_path, model, block):
-    base = osp.join(ROOT, 'benchmarks', 'configs', model + '.py')
-    cfg = tmp_path / f'{model}_{block}.py'
-    cfg.write_text(f"_base_ = ['{base}', '{osp.join(CONFIGS, '_base_', 'quant', block + '.py')}']\n")
-    return cfg
 
 
 @pytest.mark.parametrize('block', ['fqvit_w8a8_attn4', 'adalog_w4a4'])

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from helpers import ROOT
 
 CKPTS = {'det': 'benchmarks/checkpoints/tiny_swin_mask_rcnn.pth',
          'cls': 'benchmarks/checkpoints/tiny_vit_cls.pth'}

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
 import fashion_mnist  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mmvq
-from conftest import CONFIGS
+from helpers import CONFIGS
 from mmvq.calibration.driver import finalize, initialise_parameters, observe
 
 DET = sorted(glob.glob(osp.join(CONFIGS, '*.py')))

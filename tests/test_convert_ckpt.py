@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from conftest import CONFIGS, ROOT
+from helpers import CONFIGS, ROOT
 from mmvq.utils.swin_ckpt import convert_swin_det_state_dict
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mmvq.utils import load_config
 
-from conftest import CONFIGS
+from helpers import CONFIGS
 
 DETECTOR_CONFIGS = {
     'mask-rcnn_swin-t': ('mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py', 'MaskRCNN', [2, 2, 6, 2]),

@@ -12,7 +12,7 @@ import ast
 import glob
 import os.path as osp
 
-from conftest import ROOT
+from helpers import ROOT
 
 FACTORIES = {'zeros', 'ones', 'empty', 'full', 'arange', 'range', 'linspace', 'logspace', 'tensor',
              'as_tensor', 'scalar_tensor', 'eye', 'rand', 'randn', 'randint', 'randperm', 'normal',

@@ -26,7 +26,7 @@ from mmvq import analysis
 from mmvq.checkpoint import load_quantized, save_quantized
 from mmvq.utils.strict import ImplicitDeviceError, count_host_syncs, device_strict
 
-from conftest import CONFIGS, ROOT
+from helpers import CONFIGS, ROOT
 
 BLOCKS = sorted(osp.splitext(osp.basename(p))[0]
                 for p in glob.glob(osp.join(CONFIGS, '_base_', 'quant', '*.py')))

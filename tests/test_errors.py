@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, ROOT
-from test_ptq_tool import TEST_CFG, compose
+from helpers import CONFIGS, ROOT, TEST_CFG, compose
+from helpers import coco_data_opts as data_opts
 
 PTQ = osp.join(ROOT, 'tools', 'ptq.py')
 
@@ -18,13 +18,6 @@ def run_ptq(args, cwd=ROOT):
     lines = [line.split('\r')[-1] for line in proc.stderr.splitlines()]   # drop progress-bar remnants
     err = [line for line in lines if line.startswith('ptq.py: error:')]
     return proc.returncode, err, proc
-
-
-def data_opts(coco_mini):
-    data = coco_mini + '/'
-    return ['--cfg-options', f'train_dataloader.dataset.data_root={data}',
-            f'test_dataloader.dataset.data_root={data}',
-            f'test_evaluator.ann_file={data}annotations/instances_val2017.json']
 
 
 def assert_error(args, pattern, tmp_path=None):

@@ -1,37 +1,11 @@
 """End-to-end: tools/ptq.py on Mask R-CNN Swin-T over ../shared/data/coco_mini."""
 import json
-import os.path as osp
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import CONFIGS, ROOT
-
-TEST_CFG = osp.join(ROOT, 'tests', 'configs', 'mask_rcnn_swin_t_coco_mini.py')
-METRIC_KEYS = ('coco/bbox_mAP', 'coco/segm_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP_50')
-
-
-def compose(tmp_path, method):
-    path = tmp_path / f'{method}.py'
-    path.write_text(f"_base_ = ['{TEST_CFG}', '{osp.join(CONFIGS, '_base_', 'quant', method + '.py')}']\n")
-    return str(path)
-
-
-def ptq(cfg, coco_mini, work_dir, *extra, check=True, checkpoint=None):
-    data = coco_mini + '/'
-    ckpt = [str(checkpoint)] if checkpoint else []
-    cmd = [sys.executable, osp.join(ROOT, 'tools', 'ptq.py'), cfg, *ckpt, '--work-dir', str(work_dir),
-           '--cfg-options', f'train_dataloader.dataset.data_root={data}',
-           f'test_dataloader.dataset.data_root={data}',
-           f'test_evaluator.ann_file={data}annotations/instances_val2017.json', *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
+from helpers import METRIC_KEYS, compose, ptq
 
 @pytest.mark.parametrize('method', ['uniform_w8a8', 'fqvit_w8a8_attn4', 'adalog_w4a4'])
 def test_ptq_writes_fp_and_quantized_coco_metrics(method, coco_mini, tmp_path):

@@ -8,14 +8,13 @@ import torch
 import mmvq
 from mmvq.checkpoint import read_quantized, save_quantized
 from mmvq.utils.io import atomic_torch_save
-from test_ptq_tool import compose, ptq
+from helpers import TEST_CFG, compose, ptq
 
 
 def test_same_seed_gives_identical_parameters_and_metrics(coco_mini, tmp_path):
     from mmengine.registry import MODELS
 
     from mmvq.utils import load_config
-    from test_ptq_tool import TEST_CFG
     model_cfg = load_config(TEST_CFG).model
     torch.manual_seed(0)
     ckpt = tmp_path / 'float.pth'

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import mmvq
-from conftest import ROOT
+from helpers import ROOT
 from mmvq.calibration.reparam import ln_linear_pairs, per_channel_params, reparameterize
 from mmvq.quantizers.uniform import affine_params, fake_quant_affine
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import CONFIGS, ROOT
+from helpers import CONFIGS, ROOT
 
 DATA = osp.join(ROOT, 'tests', 'data', 'fashion_mnist_mini')
 CKPT = osp.join(ROOT, 'benchmarks', 'checkpoints', 'tiny_vit_cls.pth')

@@ -72,6 +72,7 @@ class DeviceBudget:
 
     PRESETS = dict(cpu={}, accelerator={})
     _preset = 'auto'
+    _explicit = {}
 
     def set_device(self, device):
         """Choose the budget preset for ``device`` (explicit arguments win)."""
