@@ -108,7 +108,7 @@ def test_swin_scores_and_bias_table_are_quantized():
     model = build('mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py')
     _, qcfg = _fqvit_model()
     mmvq.convert(model, qcfg)
-    rows = mmvq.api.quant_summary(model)
+    rows = mmvq.quant_summary(model)
     slots = {(r['module'].split('.')[-1], r['slot']) for r in rows}
     assert ('w_msa', 'scores') in slots and ('w_msa', 'table') in slots
     n_blocks = sum(type(m).__name__ == 'QuantResidualBlock' for m in model.modules())

@@ -91,7 +91,7 @@ def test_mmpretrain_test_script_with_the_hook_matches_ptq(tmp_path):
     base = osp.join(ROOT, 'benchmarks', 'configs', 'tiny_vit_cls.py')
     data = [f'train_dataloader.dataset.data_root={FASHION_MINI}',
             f'test_dataloader.dataset.data_root={FASHION_MINI}']
-    block = 'adalog_w4a4'
+    block = 'fqvit_w8a8_attn4'              # PTF, integer LayerNorm, LIS, the head
     loop_cfg = tmp_path / f'loop_{block}.py'
     loop_cfg.write_text(f"_base_ = ['{base}', '{osp.join(QUANT_BLOCKS, block + '.py')}']\n")
     run(['tools/ptq.py', loop_cfg, TINY_VIT_CKPT, '--work-dir', tmp_path / 'loop', '--skip-fp',

@@ -8,7 +8,7 @@ The model is the shipped tiny mmpretrain ViT (``benchmarks/configs/
 tiny_vit_cls.py``: patch embedding, class token, position embedding, 6
 pre-norm blocks, final LayerNorm, linear head; no weights are needed to list
 quantizers). Each block of ``configs/_base_/quant/`` converts it; the quant
-summary (:func:`mmvq.api.quant_summary`) is collapsed over the layer index
+summary (:func:`mmvq.quant_summary`) is collapsed over the layer index
 (``layers.3`` -> ``layers.*``). :data:`REFERENCE` is the official code's list
 for the same model, read from the sources named in each entry; a row marks
 whether mmvq quantizes that tensor with the same quantizer kind, bits and
@@ -122,7 +122,7 @@ def mmvq_rows(block):
     qcfg = load_config(osp.join(ROOT, 'configs', '_base_', 'quant', f'{block}.py')).quant
     mmvq.convert(model, qcfg.to_dict())
     rows = OrderedDict()
-    for r in mmvq.api.quant_summary(model):
+    for r in mmvq.quant_summary(model):
         if not r['enabled']:
             continue
         key = (re.sub(r'layers\.\d+\.', 'layers.*.', r['module'], count=1), r['slot'])

@@ -3,7 +3,7 @@
 An adapter knows one backbone family. It walks the model and yields
 :class:`Site` records — a module, the wrapper class it becomes, and the *role*
 of each quantizer slot (``qkv_input``, ``fc2_input``, ``attn_probs`` ...).
-The converter (:mod:`mmvq.api`) turns roles into quantizer configs from the
+The converter (:mod:`mmvq.conversion`) turns roles into quantizer configs from the
 user's quantization config, so methods are expressed per role, never per
 model. Adding a backbone is one adapter file registered in ``ADAPTERS``.
 """
