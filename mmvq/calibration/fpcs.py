@@ -434,8 +434,10 @@ class FPCS(BaseSearch):
         qs = torch.arange(aq.q_candidates[0],
                           min(aq.q_candidates[1] + 1, aq.q_candidates[0] + self.weight_candidates),
                           dtype=torch.float32, device=a.device)
+        b_grid = None
         if self.search_attention and self._head_searchable(bq):
-            self._head_init(b, bq)
+            b_grid = self._head_grid(b, bq)            # depends on V only: once
+            self._head_init(bq, b_grid)
         for _ in range(self.rounds):
             b_hat = bq.fake_quant(b) if _active(bq) and bq.is_calibrated() else b
 
@@ -447,7 +449,7 @@ class FPCS(BaseSearch):
             aq.set_params(q=int(qs[losses.argmin()]))
             if self.search_attention and self._head_searchable(bq):
                 a_hat = aq.fake_quant(a)
-                self._head_fpcs(b, bq, lambda fb: a_hat[None] @ fb, ref)
+                self._head_fpcs(b, bq, b_grid, lambda fb: a_hat[None] @ fb, ref)
             elif isinstance(bq, UniformQuantizer) and bq.enabled:
                 self._search_v(aq.fake_quant(a), b, ref, bq)
         return dict(kind='adalog-softmax', q=int(aq.q))
@@ -469,19 +471,20 @@ class FPCS(BaseSearch):
             t = t[:, ::-(-t.shape[1] // (1 << 20))]
         return row_grid(t, q.bits, min(16, 2 ** (q.bits - 1)), self.weight_candidates)
 
-    def _head_init(self, x, q):
+    @staticmethod
+    def _head_init(q, grid):
         """The reference's start before its alternating search: the
         second-to-last candidate of the grid (``candidates[-2]``)."""
-        scales, zps, _ = self._head_grid(x, q)
+        scales, zps, _ = grid
         q.set_params(scales[-2], zps[-2])
 
-    def _head_fpcs(self, x, q, product, ref):
-        """Per-head (scale, zero point) of operand ``x`` by FPCS on
-        :meth:`_head_grid` (``AsymmetricallyBatchingQuantMatMul._fpcs``: 16
-        kept, 6 steps), each head ranked by the error of its part of
+    def _head_fpcs(self, x, q, grid, product, ref):
+        """Per-head (scale, zero point) of operand ``x`` by FPCS on its
+        :meth:`_head_grid` ``grid`` (``AsymmetricallyBatchingQuantMatMul._fpcs``:
+        16 kept, 6 steps), each head ranked by the error of its part of
         ``product(x_hat)`` against ``ref``."""
         heads = x.shape[1]
-        scales, zps, delta = self._head_grid(x, q)
+        scales, zps, delta = grid
         qmax = 2 ** q.bits - 1
         per = max(1, CHUNK_ELEMS // max(1, ref.numel() + x.numel()))
 
@@ -505,13 +508,14 @@ class FPCS(BaseSearch):
         quantized, then B's with A quantized, on the product's error."""
         aq, bq = m.a_quantizer, m.b_quantizer
         ref = a @ b
-        self._head_init(a, aq)
-        self._head_init(b, bq)
+        a_grid, b_grid = self._head_grid(a, aq), self._head_grid(b, bq)   # once per operand
+        self._head_init(aq, a_grid)
+        self._head_init(bq, b_grid)
         for _ in range(self.rounds):
             b_hat = bq.fake_quant(b)
-            self._head_fpcs(a, aq, lambda fa: fa @ b_hat[None], ref)
+            self._head_fpcs(a, aq, a_grid, lambda fa: fa @ b_hat[None], ref)
             a_hat = aq.fake_quant(a)
-            self._head_fpcs(b, bq, lambda fb: a_hat[None] @ fb, ref)
+            self._head_fpcs(b, bq, b_grid, lambda fb: a_hat[None] @ fb, ref)
         return dict(kind='uniform-matmul', a_scale_mean=float(aq.scale.mean()),
                     b_scale_mean=float(bq.scale.mean()))
 
