@@ -5,7 +5,9 @@ import os.path as osp
 import subprocess
 import sys
 
+import numpy as np
 import torch
+from mmengine.config import Config
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SHARED = osp.abspath(os.environ.get('MMVQ_SHARED', osp.join(ROOT, '..', 'shared')))
@@ -73,10 +75,103 @@ def build_classifier(cfg):
     return model
 
 
+def quant_block(name):
+    """The quantization block ``configs/_base_/quant/<name>.py`` as a dict."""
+    return Config.fromfile(osp.join(CONFIGS, '_base_', 'quant', f'{name}.py')).quant.to_dict()
+
+
+def build_in_scope(scope, cfg):
+    from mmengine.registry import DefaultScope
+    if scope == 'mmpretrain':
+        import mmpretrain.utils
+        from mmpretrain.registry import MODELS as REG
+        mmpretrain.utils.register_all_modules(init_default_scope=False)
+    else:
+        from mmdet.registry import MODELS as REG
+    with DefaultScope.overwrite_default_scope(scope):
+        return REG.build(cfg)
+
+
+def tiny_vit_case():
+    """The trained tiny ViT, two calibration batches and its forward."""
+    cfg = Config.fromfile(osp.join(ROOT, 'benchmarks', 'configs', 'tiny_vit_cls.py'))
+    model = build_in_scope('mmpretrain', cfg.model)
+    ckpt = torch.load(osp.join(ROOT, 'benchmarks', 'checkpoints', 'tiny_vit_cls.pth'),
+                      map_location='cpu', weights_only=True)
+    model.load_state_dict(ckpt['state_dict'])
+    g = torch.Generator().manual_seed(0)
+    data = [torch.rand(4, 3, 28, 28, generator=g) * 4 - 1 for _ in range(2)]
+    return model.eval(), data, lambda m, x: m(x, mode='tensor')
+
+
+def tiny_swin_cls_case():
+    """A small mmpretrain Swin classifier, two batches and its forward."""
+    torch.manual_seed(0)
+    model = build_in_scope('mmpretrain', dict(
+        type='ImageClassifier',
+        backbone=dict(type='SwinTransformer', arch=dict(embed_dims=32, depths=[2, 2], num_heads=[1, 2]),
+                      img_size=56, window_size=7, drop_path_rate=0.0, out_indices=(1, )),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=10, in_channels=64)))
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(2, 3, 56, 56, generator=g) for _ in range(2)]
+    return model.eval(), data, lambda m, x: m(x, mode='tensor')
+
+
+def tiny_detector_case():
+    """The trained tiny Swin Mask R-CNN, two shapes images and its forward."""
+    import sys
+    from mmdet.structures import DetDataSample
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    from shapes import draw_det_image
+    cfg = Config.fromfile(osp.join(ROOT, 'benchmarks', 'configs', 'tiny_swin_mask_rcnn.py'))
+    model = build_in_scope('mmdet', cfg.model)
+    ckpt = torch.load(osp.join(ROOT, 'benchmarks', 'checkpoints', 'tiny_swin_mask_rcnn.pth'),
+                      map_location='cpu', weights_only=True)
+    model.load_state_dict(ckpt['state_dict'])
+    data = []
+    for i in range(2):
+        img, _ = draw_det_image(np.random.default_rng(i), 192, 192)
+        meta = dict(img_id=i, img_shape=(192, 192), ori_shape=(192, 192), scale_factor=(1.0, 1.0))
+        data.append(dict(inputs=[torch.from_numpy(img).permute(2, 0, 1).contiguous()],
+                         data_samples=[DetDataSample(metainfo=meta)]))
+
+    def forward(m, batch):
+        res = m.test_step(batch)[0].pred_instances
+        return [res.bboxes, res.scores, res.masks.float()]
+    return model.eval(), data, forward
+
+
+def flat(out):
+    return [t for t in (out if isinstance(out, (list, tuple)) else [out])]
+
+
+def classifier_from(path):
+    """An mmpretrain classifier built from a config path (random, seeded)."""
+    from mmvq.utils import load_config
+    return build_classifier(load_config(path))
+
+
+def image_batch(path):
+    """A 224x224 image normalised as ImageNet classifiers expect, batch of one."""
+    import mmcv
+    img = mmcv.imread(path, channel_order='rgb')
+    img = mmcv.imresize(img, (224, 224))
+    x = torch.from_numpy(img).permute(2, 0, 1).float()[None]
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def small_swin():
+    from mmdet.models.backbones import SwinTransformer
+    torch.manual_seed(0)
+    model = SwinTransformer(embed_dims=32, depths=[2, 2], num_heads=[1, 2], window_size=7,
+                            out_indices=(0, 1), init_cfg=None)
+    model.eval()   # mmdet's SwinTransformer.train() returns None, so no chaining
+    return model
+
+
 def tiny_vit():
     """The trained tiny ViT of the benchmark (28x28 inputs, 10 classes)."""
-    from mmvq.utils import load_config
-    model = build_classifier(load_config(osp.join(ROOT, 'benchmarks', 'configs', 'tiny_vit_cls.py')))
-    state = torch.load(TINY_VIT_CKPT, map_location='cpu', weights_only=True)
-    model.load_state_dict(state.get('state_dict', state))
-    return model
+    return tiny_vit_case()[0]

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import mmvq
-from helpers import CONFIGS, sqnr
+from helpers import CONFIGS, small_swin, sqnr
 from mmvq.utils import load_config
 
 W8 = dict(type='UniformQuantizer', bits=8, symmetric=True, granularity='channel', ch_axis=0)
@@ -123,15 +123,6 @@ def test_unsupported_backbone_is_a_clear_error():
     from mmdet.models.backbones import ResNet
     with pytest.raises(TypeError, match='is not supported by mmvq; supported: mmdet.SwinTransformer'):
         mmvq.convert(ResNet(depth=18), UNIFORM8)
-
-
-def small_swin():
-    from mmdet.models.backbones import SwinTransformer
-    torch.manual_seed(0)
-    model = SwinTransformer(embed_dims=32, depths=[2, 2], num_heads=[1, 2], window_size=7,
-                            out_indices=(0, 1), init_cfg=None)
-    model.eval()   # mmdet's SwinTransformer.train() returns None, so no chaining
-    return model
 
 
 def test_state_dict_float_load_and_quantized_round_trip():

@@ -1,14 +1,12 @@
 """Adapters on real mmpretrain classifiers (ViT-B, DeiT-S, Swin-T) built from their configs."""
 import collections
 
-import mmcv
 import pytest
 import torch
 
 import mmvq
-from helpers import build_classifier as build_from_cfg
-from helpers import sqnr
-from mmvq.utils import load_config
+from helpers import classifier_from as build
+from helpers import image_batch, sqnr
 
 W8 = dict(type='UniformQuantizer', bits=8, symmetric=True, granularity='channel', ch_axis=0)
 A8 = dict(type='UniformQuantizer', bits=8)
@@ -25,19 +23,6 @@ CLASSIFIERS = {
     'swin-t': ('mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py',
                'QuantWindowMSA', 12, 12 * 4 + 3, 12 * 2 + 3 + 1 + 1),
 }
-
-
-def build(path):
-    return build_from_cfg(load_config(path))
-
-
-def image_batch(path):
-    img = mmcv.imread(path, channel_order='rgb')
-    img = mmcv.imresize(img, (224, 224))
-    x = torch.from_numpy(img).permute(2, 0, 1).float()[None]
-    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
-    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def logits(model, x):

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import CONFIGS, ROOT, compose, tiny_config
+from helpers import ROOT, compose, tiny_config
 
 PLOTS = ('ln_channel_ranges', 'post_softmax_hist', 'post_gelu_hist')
 

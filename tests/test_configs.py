@@ -94,7 +94,8 @@ def test_detection_config(path, coco_image):
 def test_classification_config(path, coco_image):
     from mmengine.config import Config
 
-    from test_adapters_mmpretrain import build_from_cfg, image_batch
+    from helpers import build_classifier as build_from_cfg
+    from helpers import image_batch
     cfg = Config.fromfile(path)
     _check_quant_block(cfg, 'classification')
     assert cfg.train_dataloader.dataset.split == 'train'

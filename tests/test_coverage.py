@@ -104,7 +104,7 @@ def test_swin_scores_and_bias_table_are_quantized():
     """Swin (FQ-ViT ``swin_quant.py``): q @ k^T (qact_attn1) and the bias table
     (qact_table) quantized; every block a residual block."""
     sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-    from test_adapters_mmpretrain import build
+    from helpers import classifier_from as build
     model = build('mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py')
     _, qcfg = _fqvit_model()
     mmvq.convert(model, qcfg)

@@ -81,7 +81,10 @@ def test_lis_cuda_bit_exact(dtype):
 @pytest.mark.parametrize('method', ['fqvit_w8a8_attn4', 'adalog_w4a4', 'igq_w4a4_g8', 'mixed_w4a4',
                                     'uniform_w8a8'])
 def test_tiny_models_calibrate_and_agree_on_cuda(method):
-    from test_device_strict import block, flat, tiny_detector, tiny_vit
+    from helpers import flat
+    from helpers import quant_block as block
+    from helpers import tiny_detector_case as tiny_detector
+    from helpers import tiny_vit_case as tiny_vit
     for build in (tiny_vit, tiny_detector):
         outs = []
         for device in ('cpu', 'cuda'):

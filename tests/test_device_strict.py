@@ -19,83 +19,23 @@ import os.path as osp
 import numpy as np
 import pytest
 import torch
-from mmengine.config import Config
 
 import mmvq
 from mmvq import analysis
 from mmvq.checkpoint import load_quantized, save_quantized
 from mmvq.utils.strict import ImplicitDeviceError, count_host_syncs, device_strict
 
-from helpers import CONFIGS, ROOT
+from helpers import CONFIGS, ROOT, flat
+from helpers import quant_block as block
+from helpers import tiny_detector_case as tiny_detector
+from helpers import tiny_swin_cls_case as tiny_swin_cls
+from helpers import tiny_vit_case as tiny_vit
 
 BLOCKS = sorted(osp.splitext(osp.basename(p))[0]
                 for p in glob.glob(osp.join(CONFIGS, '_base_', 'quant', '*.py')))
 
 
-def block(name):
-    return Config.fromfile(osp.join(CONFIGS, '_base_', 'quant', f'{name}.py')).quant.to_dict()
-
-
 # ------------------------------------------------------------------ models
-def build_in_scope(scope, cfg):
-    from mmengine.registry import DefaultScope
-    if scope == 'mmpretrain':
-        import mmpretrain.utils
-        from mmpretrain.registry import MODELS as REG
-        mmpretrain.utils.register_all_modules(init_default_scope=False)
-    else:
-        from mmdet.registry import MODELS as REG
-    with DefaultScope.overwrite_default_scope(scope):
-        return REG.build(cfg)
-
-
-def tiny_vit():
-    cfg = Config.fromfile(osp.join(ROOT, 'benchmarks', 'configs', 'tiny_vit_cls.py'))
-    model = build_in_scope('mmpretrain', cfg.model)
-    ckpt = torch.load(osp.join(ROOT, 'benchmarks', 'checkpoints', 'tiny_vit_cls.pth'),
-                      map_location='cpu', weights_only=True)
-    model.load_state_dict(ckpt['state_dict'])
-    g = torch.Generator().manual_seed(0)
-    data = [torch.rand(4, 3, 28, 28, generator=g) * 4 - 1 for _ in range(2)]
-    return model.eval(), data, lambda m, x: m(x, mode='tensor')
-
-
-def tiny_swin_cls():
-    torch.manual_seed(0)
-    model = build_in_scope('mmpretrain', dict(
-        type='ImageClassifier',
-        backbone=dict(type='SwinTransformer', arch=dict(embed_dims=32, depths=[2, 2], num_heads=[1, 2]),
-                      img_size=56, window_size=7, drop_path_rate=0.0, out_indices=(1, )),
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=10, in_channels=64)))
-    g = torch.Generator().manual_seed(0)
-    data = [torch.randn(2, 3, 56, 56, generator=g) for _ in range(2)]
-    return model.eval(), data, lambda m, x: m(x, mode='tensor')
-
-
-def tiny_detector():
-    import sys
-    from mmdet.structures import DetDataSample
-    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
-    from shapes import draw_det_image
-    cfg = Config.fromfile(osp.join(ROOT, 'benchmarks', 'configs', 'tiny_swin_mask_rcnn.py'))
-    model = build_in_scope('mmdet', cfg.model)
-    ckpt = torch.load(osp.join(ROOT, 'benchmarks', 'checkpoints', 'tiny_swin_mask_rcnn.pth'),
-                      map_location='cpu', weights_only=True)
-    model.load_state_dict(ckpt['state_dict'])
-    data = []
-    for i in range(2):
-        img, _ = draw_det_image(np.random.default_rng(i), 192, 192)
-        meta = dict(img_id=i, img_shape=(192, 192), ori_shape=(192, 192), scale_factor=(1.0, 1.0))
-        data.append(dict(inputs=[torch.from_numpy(img).permute(2, 0, 1).contiguous()],
-                         data_samples=[DetDataSample(metainfo=meta)]))
-
-    def forward(m, batch):
-        res = m.test_step(batch)[0].pred_instances
-        return [res.bboxes, res.scores, res.masks.float()]
-    return model.eval(), data, forward
-
-
 MODELS = dict(detector=(tiny_detector, False), vit=(tiny_vit, True), swin_cls=(tiny_swin_cls, True))
 
 
@@ -106,10 +46,6 @@ def features_fn(model, kind):
             return m.extract_feat(m.data_preprocessor(batch, False)['inputs'])
         return fn
     return lambda m, x: m(x, mode='tensor')
-
-
-def flat(out):
-    return [t for t in (out if isinstance(out, (list, tuple)) else [out])]
 
 
 @pytest.mark.parametrize('method', BLOCKS)

@@ -76,10 +76,9 @@ def test_dist_ptq_cli_two_processes_equal_one(coco_mini, tmp_path):
 
     from mmengine.registry import MODELS
 
-    from conftest import ROOT
+    from helpers import ROOT, TEST_CFG, compose
     from mmvq.checkpoint import read_quantized
     from mmvq.utils import load_config
-    from test_ptq_tool import TEST_CFG, compose
     torch.manual_seed(0)
     ckpt = tmp_path / 'float.pth'
     torch.save({'state_dict': MODELS.build(load_config(TEST_CFG).model).state_dict()}, ckpt)

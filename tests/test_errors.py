@@ -1,5 +1,4 @@
 """Bad input: one-line error naming the fix, non-zero exit, nothing half-written."""
-import json
 import os.path as osp
 import subprocess
 import sys
@@ -7,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from helpers import CONFIGS, ROOT, TEST_CFG, compose
+from helpers import ROOT, TEST_CFG, compose
 from helpers import coco_data_opts as data_opts
 
 PTQ = osp.join(ROOT, 'tools', 'ptq.py')
@@ -125,7 +124,7 @@ def test_nan_activations_name_the_layer(tmp_path, uniform_cfg, coco_mini, float_
 def test_load_quantized_errors(tmp_path, uniform_cfg, coco_mini):
     from mmvq.checkpoint import FORMAT, save_quantized
     import mmvq
-    from test_adapters_mmdet import small_swin
+    from helpers import small_swin
     model = small_swin()
     qcfg = dict(scope='backbone', roles=dict(act=dict(type='UniformQuantizer', bits=8)))
     mmvq.quantize(model, qcfg, [torch.randn(1, 3, 64, 64)])

@@ -91,7 +91,8 @@ def test_device_policy(monkeypatch, forced):
 
 def test_fqvit_model_identical_in_both_representations(forced):
     """A whole FQ-ViT W8A8/attn4 model gives the same logits with int64 and float64."""
-    from test_device_strict import block, tiny_vit
+    from helpers import quant_block as block
+    from helpers import tiny_vit_case as tiny_vit
     model, data, forward = tiny_vit()
     mmvq.convert(model, block('fqvit_w8a8_attn4'))
     mmvq.calibrate(model, data, forward)

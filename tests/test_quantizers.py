@@ -1,5 +1,4 @@
 """Quantizer math against hand-computed values and float references."""
-import math
 
 import pytest
 import torch

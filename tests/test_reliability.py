@@ -43,7 +43,7 @@ def test_same_seed_gives_identical_parameters_and_metrics(coco_mini, tmp_path):
 
 
 def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    from test_adapters_mmdet import small_swin
+    from helpers import small_swin
     model = small_swin()
     qcfg = dict(scope='backbone', roles=dict(act=dict(type='UniformQuantizer', bits=8)))
     mmvq.quantize(model, qcfg, [torch.randn(1, 3, 64, 64)])

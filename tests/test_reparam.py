@@ -96,7 +96,7 @@ def test_reparameterized_per_tensor_quantization_is_per_channel_quantization():
 def _tiny_vit():
     from mmengine.config import Config
 
-    from test_adapters_mmpretrain import build_from_cfg
+    from helpers import build_classifier as build_from_cfg
     cfg = Config.fromfile(osp.join(ROOT, 'benchmarks', 'configs', 'tiny_vit_cls.py'))
     model = build_from_cfg(cfg)
     ckpt = osp.join(ROOT, 'benchmarks', 'checkpoints', 'tiny_vit_cls.pth')
@@ -110,7 +110,7 @@ def _tiny_vit():
 
 
 def _swin_cls():
-    from test_adapters_mmpretrain import build_from_cfg
+    from helpers import build_classifier as build_from_cfg
     from mmengine.config import Config
     cfg = Config(dict(model=dict(
         type='ImageClassifier',

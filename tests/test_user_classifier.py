@@ -146,7 +146,7 @@ def test_quantized_classifier_predictions_do_not_depend_on_the_batch(block, tmp_
     from mmengine.config import Config
 
     import mmvq
-    from test_adapters_mmpretrain import build_from_cfg
+    from helpers import build_classifier as build_from_cfg
     cfg = Config.fromfile(user_config(tmp_path, block))
     model = build_from_cfg(cfg)
     model.load_state_dict(torch.load(CKPT, weights_only=True)['state_dict'])

@@ -13,7 +13,7 @@ or ``'cpu'``; the values actually used are recorded (``results.json`` ->
 """
 import torch
 
-from ..modules.base import module_device as model_device  # noqa: F401 (one helper for both)
+from ..modules.base import module_device as model_device  # noqa: F401 (the searches' helper)
 
 
 PRESET_CHOICES = ('auto', 'cpu', 'accelerator')

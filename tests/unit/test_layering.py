@@ -122,3 +122,19 @@ def test_utils_import_no_domain_module():
     bad = {n: sorted(t for t in ts if not t.startswith('mmvq.utils'))
            for n, ts in graph().items() if n.startswith('mmvq.utils')}
     assert not any(bad.values()), bad
+
+
+def test_no_test_file_imports_another():
+    """Shared helpers live in tests/helpers.py (fixtures in conftest.py)."""
+    bad = []
+    for folder, _, files in os.walk(osp.join(ROOT, 'tests')):
+        for f in files:
+            if not f.endswith('.py'):
+                continue
+            path = osp.join(folder, f)
+            for node in ast.walk(ast.parse(open(path).read(), path)):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+                bad += [f'{osp.relpath(path, ROOT)}:{node.lineno} imports {n}' for n in names
+                        if n.split('.')[0].startswith('test_') or n == 'conftest']
+    assert not bad, '\n'.join(bad)
