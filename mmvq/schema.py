@@ -32,6 +32,7 @@ ROLE_FALLBACK = {
     'attn_probs': 'act',
 }
 MISSING = object()
+CLI_SOURCE = '--calib-images'     # a number the user gave: never capped to the split
 
 # calibration images when neither --calib-images nor the block's calib.images
 # says: the papers' protocols (ImageNet: 32 train images for AdaLog, RepQ-ViT,
@@ -54,7 +55,7 @@ def calib_images_for(task, cli=None, block=None):
         tuple[int, str]: the number and a phrase naming its source.
     """
     if cli is not None:
-        return cli, '--calib-images'
+        return cli, CLI_SOURCE
     if isinstance(block, dict):
         if task in block:
             return block[task], f'quant.calib.images.{task}'

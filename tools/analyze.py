@@ -63,7 +63,7 @@ def analyze(args):
     from mmvq import analysis
     from mmvq.adapters import model_task
     from mmvq.calibration import CalibrationSamples, build_search, run_calibration
-    from mmvq.schema import calib_images_for
+    from mmvq.schema import calib_images_for, calib_settings
     from mmvq.utils.io import atomic_write_text
     from mmvq.modules import QuantLayerNorm, QuantLinear, QuantMatMul
     from ptq import build_runner
@@ -73,15 +73,14 @@ def analyze(args):
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
     model.eval()
     qcfg = cfg.quant.to_dict()
-    calib = qcfg.get('calib', {})
+    settings = calib_settings(qcfg, args.calib_images, seed=args.seed)
     task = model_task(model)
-    n_calib, source = calib_images_for(task, args.calib_images, calib.get('images'))
-    split = calib.get('split', 'train')
-    samples = CalibrationSamples.from_config(
-        cfg, n_calib, args.seed if args.seed is not None else calib.get('seed', 0), split,
-        cap=source != '--calib-images')
+    n_calib, source = calib_images_for(task, settings['images'],
+                                       (qcfg.get('calib') or {}).get('images'))
+    split = settings['split']
+    samples = CalibrationSamples.from_config(cfg, n_calib, settings['seed'], split, source)
     runner.logger.info(f'[mmvq] calibration: {len(samples)} images of the {split} split '
-                       f'({samples.describe(source)})')
+                       f'({samples.source})')
     probe = CalibrationSamples.from_config(cfg, args.analysis_images, 0, 'test')
     is_classifier = task == 'classification'
 

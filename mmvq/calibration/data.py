@@ -7,7 +7,7 @@ import torch
 from mmengine.dataset import pseudo_collate
 from mmengine.registry import DATASETS
 
-from ..schema import check_calib_images
+from ..schema import CLI_SOURCE, check_calib_images
 
 WRAPPERS = ('RepeatDataset', 'ClassBalancedDataset', 'MultiImageMixDataset')
 
@@ -31,13 +31,14 @@ class CalibrationSamples:
         n (int): number of images.
         seed (int): seed of the draw.
         split (str): name of the split, for messages and reports.
-        cap (bool): when ``n`` is a protocol's number rather than the user's
-            ``--calib-images``, a smaller split is used whole (and
-            :attr:`capped_from` records the number asked for) instead of being
-            an error.
+        source (str | None): where ``n`` came from
+            (:func:`mmvq.schema.calib_images_for`). A protocol's number (any
+            source but the user's ``--calib-images``) larger than the split
+            uses the split whole (:attr:`capped_from` records the number asked
+            for) instead of being an error; :attr:`source` then says so.
     """
 
-    def __init__(self, loader_cfg, pipeline, n, seed=0, split='train', cap=False):
+    def __init__(self, loader_cfg, pipeline, n, seed=0, split='train', source=None):
         ds_cfg = copy.deepcopy(_unwrap(loader_cfg['dataset']))
         ds_cfg['pipeline'] = copy.deepcopy(pipeline)
         ds_cfg['test_mode'] = True
@@ -47,7 +48,7 @@ class CalibrationSamples:
         total = len(self.dataset)
         check_calib_images(n)
         self.capped_from = None
-        if n > total and cap:
+        if n > total and source not in (None, CLI_SOURCE):
             self.capped_from, n = n, total
         if n > total:
             raise ValueError(f'--calib-images {n} is more than the {total} images of the '
@@ -56,21 +57,16 @@ class CalibrationSamples:
         self.indices = torch.randperm(total, generator=g, device='cpu')[:n].tolist()
         self.split = split
         self.seed = seed
+        self.source = source if self.capped_from is None else (
+            f'{source} asks for {self.capped_from}; the {split} split holds {n}, all used')
 
     @classmethod
-    def from_config(cls, cfg, n, seed=0, split='train', cap=False):
+    def from_config(cls, cfg, n, seed=0, split='train', source=None):
         """Draw from ``cfg[f'{split}_dataloader']`` with ``cfg``'s test pipeline."""
         loader = cfg.get(f'{split}_dataloader')
         if loader is None:
             raise ValueError(missing_split_message(split, config_splits(cfg)))
-        return cls(loader, cfg.test_dataloader.dataset.pipeline, n, seed, split, cap)
-
-    def describe(self, source):
-        """``source`` (where the number came from), with the cap if one applied."""
-        if self.capped_from is None:
-            return source
-        return (f'{source} asks for {self.capped_from}; the {self.split} split holds '
-                f'{len(self)}, all used')
+        return cls(loader, cfg.test_dataloader.dataset.pipeline, n, seed, split, source)
 
     def __len__(self):
         return len(self.indices)

@@ -82,8 +82,8 @@ class PTQSession:
                                                       config_splits(runner.cfg)))
             self.calib_samples = CalibrationSamples(
                 loader, runner.cfg.test_dataloader.dataset.pipeline, self.calib_images, self.seed,
-                self.calib_split, cap=self.calib_source != '--calib-images')
-            self.calib_source = self.calib_samples.describe(self.calib_source)
+                self.calib_split, source=self.calib_source)
+            self.calib_source = self.calib_samples.source
             self.calib_images = len(self.calib_samples)
             runner.logger.info(
                 f'[mmvq] calibration: {self.calib_images} images of the {self.calib_split} split, '
