@@ -1,6 +1,6 @@
 """The package's import graph, function-level imports included, built from
 the source with ``ast``: no cycle, and imports flow one way through the layers
-quantizers -> modules -> adapters -> conversion -> calibration -> runner -> api."""
+quantizers -> modules -> adapters -> conversion -> calibration -> deploy -> runner -> api."""
 import ast
 import os
 import os.path as osp
@@ -17,6 +17,7 @@ LAYERS = {
     'mmvq.adapters': 3,
     'mmvq.conversion': 4, 'mmvq.checkpoint': 5,
     'mmvq.calibration': 6,
+    'mmvq.deploy': 6.5,
     'mmvq.runner': 7, 'mmvq.analysis': 7,
     'mmvq.api': 8, 'mmvq': 9,
 }

@@ -1,0 +1,287 @@
+"""Export a calibrated mmvq model to ONNX: QDQ where an integer kernel exists.
+
+:func:`export_onnx` traces the model with PyTorch's ONNX exporter (the
+TorchScript-based one, ``dynamo=False``: static shapes, one graph per input
+shape) inside :func:`export_mode`, which gives every quantizer and wrapper of
+the converted model, for the duration of the export only, a forward made of
+exportable operations:
+
+=========================================  =====================================================
+quantizer                                  in the ONNX graph
+=========================================  =====================================================
+uniform activation (tensor/channel/head)   ``QuantizeLinear -> DequantizeLinear`` (integer kernel)
+uniform weight of a Linear / Conv2d        ``int8``/``uint8`` codes + ``DequantizeLinear``
+PTF (LayerNorm input)                      per-channel QDQ, scale ``s 2^alpha_c`` (exact)
+integer LayerNorm                          float64 subgraph (emulated, bit-exact), then the
+                                           output quantizer's QDQ
+Log-Int-Softmax                            float64 / int64 subgraph (emulated, bit-exact)
+AdaLog (post-softmax, post-GELU)           log2 + table gather (emulated)
+IGQ groups                                 per-instance ranges, ArgMin, gather (emulated)
+=========================================  =====================================================
+
+A Linear's weight codes are stored transposed (``(in, out)``, axis 1) so the
+graph is ``DQ(x) @ DQ(W)`` with no transpose between the DQ and the MatMul —
+the pattern onnxruntime fuses into ``MatMulIntegerToFloat``. Node names carry
+the module path (``/model/backbone/layers.0/attn/qkv/input_quantizer/...``),
+which is how :mod:`mmvq.deploy.report` finds every quantizer in the graph.
+"""
+import contextlib
+import io
+import os
+import os.path as osp
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..modes import iter_quantizers
+from ..modules.base import QuantModuleMixin
+from ..modules.layernorm import QuantLayerNorm
+from ..modules.linear import QuantConv2d, QuantLinear
+from ..modules.softmax import QuantSoftmax
+from ..quantizers.adalog import AdaLogQuantizer
+from ..quantizers.base import BaseQuantizer, host_value
+from ..quantizers.igq import IGQQuantizer
+from ..quantizers.lis import LogIntSoftmax
+from ..quantizers.ptf import PTFQuantizer
+from ..quantizers.uniform import UniformQuantizer
+from .graphs import adalog_graph, igq_graph, int_layer_norm_graph, lis_softmax_graph
+from .qdq import qdq, uniform_qdq, weight_dq
+
+DEFAULT_OPSET = 17
+
+# export forms (the report's vocabulary)
+QDQ, PTF_QDQ, WEIGHT_DQ = 'qdq', 'qdq-ptf', 'weight-dq'
+EMULATED = dict(int_layernorm='emulated: integer LayerNorm (float64 subgraph, bit-exact)',
+                lis='emulated: Log-Int-Softmax (float64/int64 subgraph, bit-exact)',
+                adalog='emulated: AdaLog (log2 + table gather)',
+                igq='emulated: IGQ groups (per-instance ranges, ArgMin, gather)')
+
+
+def _active(q):
+    return isinstance(q, BaseQuantizer) and q.enabled and q.mode != 'float'
+
+
+def _check_ready(name, q):
+    if q.mode == 'calib' or not q.is_calibrated():
+        raise RuntimeError(f'{name} is not calibrated: calibrate (mmvq.calibrate, tools/ptq.py) or '
+                           'load a quantized checkpoint (--load-quantized) before exporting')
+
+
+def _uniform_forward(q):
+    def forward(x):
+        return uniform_qdq(q, x)
+    return forward
+
+
+def _ptf_forward(q):
+    scale = q.channel_scale().detach().float()
+    zp = q.zero_point.detach().reshape(()).expand(scale.shape).clone()
+
+    def forward(x):
+        return qdq(x, scale, zp, x.dim() - 1, q.qmin, q.qmax)
+    return forward
+
+
+def _linear_forward(m):
+    def forward(x):
+        x = m.input_quantizer(x)
+        if not _active(m.weight_quantizer):
+            return m.output_quantizer(F.linear(x, m.weight, m.bias))
+        y = torch.matmul(x, weight_dq(m.weight_quantizer, m.weight, transpose=True))
+        if m.bias is not None:
+            y = y + m.bias
+        return m.output_quantizer(y)
+    return forward
+
+
+def _conv_forward(m):
+    def forward(x):
+        x = m.input_quantizer(x)
+        w = weight_dq(m.weight_quantizer, m.weight) if _active(m.weight_quantizer) else m.weight
+        return m.output_quantizer(m._conv_forward(x, w, m.bias))
+    return forward
+
+
+def _int_layernorm_forward(m):
+    iq, oq = m.input_quantizer, m.output_quantizer
+    channel_scale = iq.channel_scale().detach()
+
+    def forward(x):
+        if not m.stream_input:
+            x = iq(x)                      # the PTF QDQ pair (the stream carries it otherwise)
+        # x is on the PTF grid: its codes are round(x / (s 2^alpha)) + z exactly
+        codes = torch.round(x / channel_scale) + iq.zero_point.reshape(())
+        y = int_layer_norm_graph(codes, iq.zero_point, iq.alpha, iq.scale, m.weight, m.bias,
+                                 oq.scale, oq.zero_point, oq.qmin, oq.qmax)
+        # the output is on oq's grid: its QDQ pair is exact and feeds the next
+        # Linear an integer input
+        return oq(y)
+    return forward
+
+
+def _lis_forward(m):
+    lis, iq = m.lis_quantizer, m.input_quantizer
+    scale = host_value(lis, 'logit_scale', iq.scale, float)
+
+    def forward(x, mask=None):
+        return lis_softmax_graph(iq(x), scale, lis.bits, lis.n, mask)
+    return forward
+
+
+def _adalog_forward(q):
+    def forward(x):
+        return adalog_graph(q, x)
+    return forward
+
+
+def _igq_forward(q):
+    def forward(x):
+        return igq_graph(q, x)
+    return forward
+
+
+def _quantizer_plan(model):
+    """``{quantizer: (form, forward or None)}`` for every active quantizer."""
+    plan = {}
+    weights = {id(m.weight_quantizer) for m in model.modules()
+               if isinstance(m, (QuantLinear, QuantConv2d)) and _active(m.weight_quantizer)}
+    for name, q in iter_quantizers(model):
+        if not _active(q):
+            continue
+        _check_ready(name, q)
+        if id(q) in weights:
+            plan[name] = (WEIGHT_DQ, None)          # the wrapper writes codes + DQ
+        elif isinstance(q, UniformQuantizer):
+            plan[name] = (QDQ, _uniform_forward(q))
+        elif isinstance(q, PTFQuantizer):
+            plan[name] = (PTF_QDQ, _ptf_forward(q))
+        elif isinstance(q, AdaLogQuantizer):
+            plan[name] = (EMULATED['adalog'], _adalog_forward(q))
+        elif isinstance(q, IGQQuantizer):
+            plan[name] = (EMULATED['igq'], _igq_forward(q))
+        elif isinstance(q, LogIntSoftmax):
+            plan[name] = (EMULATED['lis'], None)     # QuantSoftmax runs it
+        else:
+            raise NotImplementedError(f'{name}: no ONNX export for {type(q).__name__}; '
+                                      'disable it (mmvq.enable_quantizers) or add its export form')
+    return plan
+
+
+@contextlib.contextmanager
+def export_mode(model):
+    """Give the converted model exportable forwards while the context lasts.
+
+    Every active quantizer and the wrappers that need it (Linear/Conv2d
+    weights, integer LayerNorm, Log-Int-Softmax) get an instance-level
+    ``forward``; on exit the instance attributes are removed and the model
+    is exactly as before. Yields ``{quantizer name: export form}``.
+    """
+    plan = _quantizer_plan(model)
+    by_id = {id(q): plan[name] for name, q in iter_quantizers(model) if name in plan}
+    patched = []
+    forms = {name: form for name, (form, _) in plan.items()}
+    try:
+        for name, module in model.named_modules():
+            fwd = None
+            if isinstance(module, BaseQuantizer) and id(module) in by_id:
+                fwd = by_id[id(module)][1]
+            elif isinstance(module, QuantLinear):
+                fwd = _linear_forward(module)
+            elif isinstance(module, QuantConv2d):
+                fwd = _conv_forward(module)
+            elif isinstance(module, QuantLayerNorm) and module._int_path_active():
+                fwd = _int_layernorm_forward(module)
+                forms[f'{name}.output_quantizer'] = QDQ + ' (integer LayerNorm output)'
+                forms[f'{name}.input_quantizer'] = PTF_QDQ + ' (integer LayerNorm input)'
+                forms[f'{name}[int_layernorm]'] = EMULATED['int_layernorm']
+            elif isinstance(module, QuantSoftmax) and module.lis_active():
+                fwd = _lis_forward(module)
+            if fwd is not None:
+                module.forward = fwd
+                patched.append(module)
+        yield forms
+    finally:
+        for module in patched:
+            module.__dict__.pop('forward', None)
+
+
+class _Traced(nn.Module):
+    """The module the exporter traces: ``forward_fn(model, *inputs)``."""
+
+    def __init__(self, model, forward_fn):
+        super().__init__()
+        self.model = model
+        self.forward_fn = forward_fn
+
+    def forward(self, *inputs):
+        out = self.forward_fn(self.model, *inputs)
+        if isinstance(out, (list, tuple)):
+            return tuple(out)
+        return out
+
+
+def export_onnx(model, inputs, path, forward_fn=None, input_names=('input', ),
+                output_names=None, opset=DEFAULT_OPSET, check=True):
+    """Export a converted, calibrated model to ONNX (QDQ + emulated subgraphs).
+
+    Args:
+        model (nn.Module): the quantized model (quantizers in ``quant`` mode).
+        inputs (Tensor | tuple[Tensor]): example inputs; the graph has their
+            static shapes.
+        path (str): the ``.onnx`` file to write (atomically).
+        forward_fn (callable | None): ``forward_fn(model, *inputs)`` returning
+            a tensor or a tuple of tensors; default ``model(*inputs)``.
+        input_names, output_names (Sequence[str] | None): graph I/O names
+            (outputs default to ``output`` / ``output_<i>``).
+        opset (int): ONNX opset (13 or newer: per-axis QDQ).
+        check (bool): run ``onnx.checker`` on the written model.
+
+    Returns:
+        dict: the export report (:func:`mmvq.deploy.report.export_report`).
+    """
+    import onnx
+    from .report import export_report
+
+    if opset < 13:
+        raise ValueError(f'opset={opset}: per-axis QuantizeLinear needs opset 13 or newer')
+    inputs = inputs if isinstance(inputs, tuple) else (inputs, )
+    traced = _Traced(model, forward_fn or (lambda m, *xs: m(*xs)))
+    was_training = model.training
+    model.eval()
+    buf = io.BytesIO()
+    try:
+        with torch.no_grad(), export_mode(model) as forms, warnings.catch_warnings():
+            warnings.simplefilter('ignore')          # the exporter's tracer and deprecation notes
+            out = traced(*inputs)
+            n_out = len(out) if isinstance(out, tuple) else 1
+            names = list(output_names or (['output'] if n_out == 1 else
+                                          [f'output_{i}' for i in range(n_out)]))
+            torch.onnx.export(traced, inputs, buf, dynamo=False, opset_version=opset,
+                              input_names=list(input_names), output_names=names,
+                              do_constant_folding=True)
+    finally:
+        model.train(was_training)
+    proto = onnx.load_from_string(buf.getvalue())
+    if check:
+        onnx.checker.check_model(proto, full_check=True)
+    report = export_report(model, proto, forms, path=path, opset=opset)
+    proto.metadata_props.add(key='mmvq_export', value=report_json(report))
+    d = osp.dirname(osp.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f'{path}.partial'
+    with open(tmp, 'wb') as f:
+        f.write(proto.SerializeToString())
+    os.replace(tmp, path)
+    report['file_bytes'] = osp.getsize(path)
+    return report
+
+
+def report_json(report):
+    import json
+    return json.dumps({k: v for k, v in report.items() if k != 'quantizers'}, sort_keys=True,
+                      default=str)
+
+
+__all__ = ['export_onnx', 'export_mode', 'QDQ', 'PTF_QDQ', 'WEIGHT_DQ', 'EMULATED']

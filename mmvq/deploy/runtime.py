@@ -1,0 +1,168 @@
+"""Run an exported graph in onnxruntime, and evaluate it as mmengine evaluates.
+
+:func:`ort_session` opens a graph with the settings under which onnxruntime
+runs mmvq's QDQ graphs with integer kernels: its ``MatMulAddFusion`` (which
+turns ``MatMul + Add`` into ``Gemm`` before the QDQ fusions run, and leaves a
+bias-carrying Linear without an output quantizer as ``DequantizeLinear + float
+Gemm``) is disabled, so ``DQ(x) @ DQ(W)`` becomes ``MatMulIntegerToFloat``.
+
+:class:`DeployedModel` stands in for an mmdet detector or an mmpretrain
+classifier in a test loop (``test_step``): the part of the model that was
+exported (a classifier whole, a detector's backbone + neck) runs in
+onnxruntime, the rest (a classifier's post-processing, a detector's RPN and
+RoI heads) in the model's own PyTorch code, so the same evaluator scores
+both. Graphs have static shapes: one graph is exported (by the callable the
+caller gives) and opened per input shape met, and cached.
+"""
+import contextlib
+import os
+import os.path as osp
+import tempfile
+
+import torch
+import torch.nn as nn
+
+from ..adapters import model_task
+from .report import runtime_kernels
+
+# onnxruntime graph transformers that break mmvq's QDQ patterns (see module doc)
+DISABLED_FOR_QDQ = ('MatMulAddFusion', )
+
+
+def ort_session(path, threads=None, quantized=True, optimized_path=None):
+    """An onnxruntime CPU session for ``path``.
+
+    Args:
+        path (str | bytes): the ONNX file (or its bytes).
+        threads (int | None): intra-op threads (``None``: onnxruntime's default,
+            one per physical core); inter-op is 1.
+        quantized (bool): a QDQ graph: disable :data:`DISABLED_FOR_QDQ`.
+        optimized_path (str | None): also write the optimised graph here.
+    """
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.inter_op_num_threads = 1
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.log_severity_level = 3
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    kwargs = dict(disabled_optimizers=list(DISABLED_FOR_QDQ)) if quantized else {}
+    return ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'], **kwargs)
+
+
+def kernels_of(path, threads=None, quantized=True):
+    """:func:`mmvq.deploy.report.runtime_kernels` of onnxruntime's optimised graph."""
+    import onnx
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = osp.join(tmp, 'optimized.onnx')
+        ort_session(path, threads, quantized, optimized_path=opt)
+        info = runtime_kernels(onnx.load(opt))
+    info['provider'] = 'CPUExecutionProvider'
+    return info
+
+
+def run_session(session, *inputs):
+    """Run ``session`` on torch tensors; outputs as torch tensors on the device of the first input."""
+    feeds = {i.name: t.detach().cpu().contiguous().numpy()
+             for i, t in zip(session.get_inputs(), inputs)}
+    device = inputs[0].device
+    return tuple(torch.from_numpy(o).to(device) for o in session.run(None, feeds))
+
+
+def graph_forward(model):
+    """``(forward_fn, part)``: what of ``model`` is exported — a classifier's
+    logits (``'model'``), a detector's backbone + neck features
+    (``'backbone+neck'``), else the model's own forward (``'model'``)."""
+    task = model_task(model)
+    if task == 'classification':
+        return (lambda m, x: m(x, mode='tensor')), 'model'
+    if task == 'detection':
+        return (lambda m, x: tuple(m.extract_feat(x))), 'backbone+neck'
+    return (lambda m, *xs: m(*xs)), 'model'
+
+
+class DeployedModel(nn.Module):
+    """An mmengine model whose exported part runs in onnxruntime.
+
+    Args:
+        model (nn.Module): the quantized mmdet / mmpretrain model.
+        export_fn (callable): ``export_fn(example_input) -> path`` exports the
+            graph for the shape of ``example_input`` (called once per shape).
+        threads (int | None): onnxruntime intra-op threads.
+    """
+
+    def __init__(self, model, export_fn, threads=None):
+        super().__init__()
+        self.model = model
+        self.task = model_task(model)
+        if self.task not in ('classification', 'detection'):
+            raise ValueError('DeployedModel evaluates mmpretrain classifiers and mmdet detectors; '
+                             f'{type(model).__name__} is neither')
+        self.export_fn = export_fn
+        self.threads = threads
+        self.sessions = {}
+        self.paths = {}
+
+    def session(self, x):
+        key = tuple(x.shape)
+        if key not in self.sessions:
+            path = self.export_fn(x)
+            self.paths[key] = path
+            self.sessions[key] = ort_session(path, self.threads)
+        return self.sessions[key]
+
+    def run(self, x):
+        return run_session(self.session(x), x)
+
+    @contextlib.contextmanager
+    def _features_from_runtime(self):
+        model = self.model
+        model.extract_feat = self.run            # an instance attribute, removed below
+        try:
+            yield
+        finally:
+            model.__dict__.pop('extract_feat', None)
+
+    @torch.no_grad()
+    def test_step(self, data):
+        model = self.model
+        data = model.data_preprocessor(data, False)
+        inputs, samples = data['inputs'], data['data_samples']
+        if self.task == 'classification':
+            (logits, ) = self.run(inputs)
+            return model.head._get_predictions(logits, samples)
+        with self._features_from_runtime():
+            return model.predict(inputs, samples)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError('DeployedModel evaluates through test_step only')
+
+
+def onnx_dir_export_fn(model, out_dir, opset=None, logger=None, reports=None):
+    """An ``export_fn`` for :class:`DeployedModel` writing ``<out_dir>/<shape>.onnx``.
+
+    ``reports`` (a dict, optional) receives each export's report by file name.
+    """
+    from .export import DEFAULT_OPSET, export_onnx
+    forward_fn, part = graph_forward(model)
+
+    def export_fn(x):
+        name = 'x'.join(str(s) for s in x.shape) + '.onnx'
+        path = osp.join(out_dir, name)
+        os.makedirs(out_dir, exist_ok=True)
+        report = export_onnx(model, x, path, forward_fn=forward_fn, opset=opset or DEFAULT_OPSET)
+        report['part'] = part
+        if reports is not None:
+            reports[name] = report
+        if logger is not None:
+            c = report['checks']
+            logger.info(f'[mmvq] exported {part} for input {tuple(x.shape)} to {path}: '
+                        f'{c["qdq_quantizers_in_graph"]} QDQ activations, '
+                        f'{c["weight_quantizers_in_graph"]} integer weights, {c["emulated"]} emulated')
+        return path
+    return export_fn
+
+
+__all__ = ['ort_session', 'kernels_of', 'run_session', 'graph_forward', 'DeployedModel',
+           'onnx_dir_export_fn', 'DISABLED_FOR_QDQ']
