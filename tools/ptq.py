@@ -47,6 +47,11 @@ def parse_args(argv=None):
     parser.add_argument('--eval-repeats', type=int, default=1, metavar='K',
                         help='time each evaluation over K passes and report the fastest '
                              '(metrics from the first); steadies time ratios of short evaluations')
+    parser.add_argument('--backend', choices=['pytorch', 'onnxruntime'], default='pytorch',
+                        help='onnxruntime: also export the quantized model to ONNX (work dir onnx/) '
+                             'and evaluate it in onnxruntime, a third phase of results.json')
+    parser.add_argument('--ort-threads', type=int, default=None,
+                        help='onnxruntime intra-op threads (default: one per core)')
     parser.add_argument('--profile', action='store_true',
                         help='write profile_fp.txt / profile_quantized.txt (where eval time goes)')
     parser.add_argument('--trust-checkpoint', action='store_true',
@@ -136,8 +141,12 @@ def build_runner(args):
                         skip_fp=args.skip_fp, save_quantized=args.save_quantized,
                         load_quantized=args.load_quantized, max_eval_images=args.max_eval_images,
                         profile=args.profile, eval_repeats=args.eval_repeats,
+                        backend=getattr(args, 'backend', 'pytorch'),
+                        ort_threads=getattr(args, 'ort_threads', None),
                         calib_dataloader=calib_loader)
     _drop_partial_triples(cfg)
+    if args.launcher != 'none' and getattr(args, 'backend', 'pytorch') != 'pytorch':
+        raise checks.UserInputError('--backend onnxruntime evaluates in one process: drop --launcher')
     if args.launcher != 'none':
         import torch
         import torch.distributed as dist
@@ -163,11 +172,11 @@ def build_runner(args):
     return runner
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run_tool(prog, fn, args):
+    """``fn(args)``; an error is one ``<prog>: error: ...`` line and exit code 2
+    (the traceback with ``--debug``)."""
     try:
-        runner = build_runner(args)
-        runner.test()
+        fn(args)
     except Exception as exc:  # noqa: BLE001 - one line for users, full trace with --debug
         if args.debug:
             raise
@@ -175,9 +184,13 @@ def main(argv=None):
         msg = text.splitlines()[0] if text else type(exc).__name__
         if type(exc).__name__ not in ('UserInputError', ) and not isinstance(exc, (ValueError, OSError)):
             msg = f'{type(exc).__name__}: {msg} (run with --debug for the traceback)'
-        print(f'ptq.py: error: {msg}', file=sys.stderr)
+        print(f'{prog}: error: {msg}', file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None):
+    return run_tool('ptq.py', lambda args: build_runner(args).test(), parse_args(argv))
 
 
 if __name__ == '__main__':

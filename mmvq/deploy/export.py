@@ -33,7 +33,6 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..modes import iter_quantizers
 from ..modules.base import QuantModuleMixin
@@ -47,7 +46,7 @@ from ..quantizers.lis import LogIntSoftmax
 from ..quantizers.ptf import PTFQuantizer
 from ..quantizers.uniform import UniformQuantizer
 from .graphs import adalog_graph, igq_graph, int_layer_norm_graph, lis_softmax_graph
-from .qdq import qdq, uniform_qdq, weight_dq
+from .qdq import qdq_fn, uniform_qdq_fn, weight_dq_fn
 
 DEFAULT_OPSET = 17
 
@@ -69,38 +68,44 @@ def _check_ready(name, q):
                            'load a quantized checkpoint (--load-quantized) before exporting')
 
 
-def _uniform_forward(q):
-    def forward(x):
-        return uniform_qdq(q, x)
-    return forward
-
-
 def _ptf_forward(q):
+    """PTF: one zero point, the per-channel scales ``s 2^alpha_c`` on the last axis."""
     scale = q.channel_scale().detach().float()
-    zp = q.zero_point.detach().reshape(()).expand(scale.shape).clone()
+    return qdq_fn(scale, q.zero_point.reshape(()).expand(scale.shape), q.qmin, q.qmax, -1)
 
-    def forward(x):
-        return qdq(x, scale, zp, x.dim() - 1, q.qmin, q.qmax)
+
+def _recorded(name, fn, calls):
+    """``fn`` that appends ``name`` to ``calls`` each time it runs (the trace's
+    order of QDQ pairs / weight DQs, which names the graph's nodes)."""
+    pairs = getattr(fn, 'pairs', 1)
+
+    def forward(*args, **kwargs):
+        calls.extend([name] * pairs)
+        return fn(*args, **kwargs)
     return forward
 
 
-def _linear_forward(m):
+def _linear_forward(m, name, calls):
+    if not _active(m.weight_quantizer):
+        return None
+    weight = _recorded(f'{name}.weight_quantizer',
+                       weight_dq_fn(m.weight_quantizer, m.weight, transpose=True), calls)
+
     def forward(x):
-        x = m.input_quantizer(x)
-        if not _active(m.weight_quantizer):
-            return m.output_quantizer(F.linear(x, m.weight, m.bias))
-        y = torch.matmul(x, weight_dq(m.weight_quantizer, m.weight, transpose=True))
+        y = torch.matmul(m.input_quantizer(x), weight())
         if m.bias is not None:
             y = y + m.bias
         return m.output_quantizer(y)
     return forward
 
 
-def _conv_forward(m):
+def _conv_forward(m, name, calls):
+    if not _active(m.weight_quantizer):
+        return None
+    weight = _recorded(f'{name}.weight_quantizer', weight_dq_fn(m.weight_quantizer, m.weight), calls)
+
     def forward(x):
-        x = m.input_quantizer(x)
-        w = weight_dq(m.weight_quantizer, m.weight) if _active(m.weight_quantizer) else m.weight
-        return m.output_quantizer(m._conv_forward(x, w, m.bias))
+        return m.output_quantizer(m._conv_forward(m.input_quantizer(x), weight(), m.bias))
     return forward
 
 
@@ -142,8 +147,9 @@ def _igq_forward(q):
     return forward
 
 
-def _quantizer_plan(model):
-    """``{quantizer: (form, forward or None)}`` for every active quantizer."""
+def _quantizer_plan(model, calls):
+    """``{quantizer: (form, forward or None)}`` for every active quantizer;
+    the QDQ forwards record their calls in ``calls``."""
     plan = {}
     weights = {id(m.weight_quantizer) for m in model.modules()
                if isinstance(m, (QuantLinear, QuantConv2d)) and _active(m.weight_quantizer)}
@@ -154,9 +160,9 @@ def _quantizer_plan(model):
         if id(q) in weights:
             plan[name] = (WEIGHT_DQ, None)          # the wrapper writes codes + DQ
         elif isinstance(q, UniformQuantizer):
-            plan[name] = (QDQ, _uniform_forward(q))
+            plan[name] = (QDQ, _recorded(name, uniform_qdq_fn(q), calls))
         elif isinstance(q, PTFQuantizer):
-            plan[name] = (PTF_QDQ, _ptf_forward(q))
+            plan[name] = (PTF_QDQ, _recorded(name, _ptf_forward(q), calls))
         elif isinstance(q, AdaLogQuantizer):
             plan[name] = (EMULATED['adalog'], _adalog_forward(q))
         elif isinstance(q, IGQQuantizer):
@@ -170,15 +176,24 @@ def _quantizer_plan(model):
 
 
 @contextlib.contextmanager
-def export_mode(model):
+def export_mode(model, calls=None):
     """Give the converted model exportable forwards while the context lasts.
 
     Every active quantizer and the wrappers that need it (Linear/Conv2d
     weights, integer LayerNorm, Log-Int-Softmax) get an instance-level
     ``forward``; on exit the instance attributes are removed and the model
     is exactly as before. Yields ``{quantizer name: export form}``.
+
+    Args:
+        model (nn.Module): the converted, calibrated model.
+        calls (dict | None): receives, in call order, the quantizer names of
+            the QDQ pairs (``calls['qdq']``) and of the weight DQs
+            (``calls['weight']``) each forward runs.
     """
-    plan = _quantizer_plan(model)
+    calls = calls if calls is not None else {}
+    calls.setdefault('qdq', [])
+    calls.setdefault('weight', [])
+    plan = _quantizer_plan(model, calls['qdq'])
     by_id = {id(q): plan[name] for name, q in iter_quantizers(model) if name in plan}
     patched = []
     forms = {name: form for name, (form, _) in plan.items()}
@@ -188,9 +203,9 @@ def export_mode(model):
             if isinstance(module, BaseQuantizer) and id(module) in by_id:
                 fwd = by_id[id(module)][1]
             elif isinstance(module, QuantLinear):
-                fwd = _linear_forward(module)
+                fwd = _linear_forward(module, name, calls['weight'])
             elif isinstance(module, QuantConv2d):
-                fwd = _conv_forward(module)
+                fwd = _conv_forward(module, name, calls['weight'])
             elif isinstance(module, QuantLayerNorm) and module._int_path_active():
                 fwd = _int_layernorm_forward(module)
                 forms[f'{name}.output_quantizer'] = QDQ + ' (integer LayerNorm output)'
@@ -251,19 +266,23 @@ def export_onnx(model, inputs, path, forward_fn=None, input_names=('input', ),
     was_training = model.training
     model.eval()
     buf = io.BytesIO()
+    calls = {}
     try:
-        with torch.no_grad(), export_mode(model) as forms, warnings.catch_warnings():
+        with torch.no_grad(), export_mode(model, calls) as forms, warnings.catch_warnings():
             warnings.simplefilter('ignore')          # the exporter's tracer and deprecation notes
             out = traced(*inputs)
             n_out = len(out) if isinstance(out, tuple) else 1
             names = list(output_names or (['output'] if n_out == 1 else
                                           [f'output_{i}' for i in range(n_out)]))
+            for recorded in calls.values():
+                recorded.clear()                     # keep the exporter's own trace only
             torch.onnx.export(traced, inputs, buf, dynamo=False, opset_version=opset,
                               input_names=list(input_names), output_names=names,
                               do_constant_folding=True)
     finally:
         model.train(was_training)
-    proto = onnx.load_from_string(buf.getvalue())
+    proto = constants_to_initializers(onnx.load_from_string(buf.getvalue()))
+    name_quantizer_nodes(proto, calls)
     if check:
         onnx.checker.check_model(proto, full_check=True)
     report = export_report(model, proto, forms, path=path, opset=opset)
@@ -276,6 +295,58 @@ def export_onnx(model, inputs, path, forward_fn=None, input_names=('input', ),
     os.replace(tmp, path)
     report['file_bytes'] = osp.getsize(path)
     return report
+
+
+def constants_to_initializers(proto):
+    """Move the graph's ``Constant`` tensors (weight codes, scales, zero points)
+    into its initializers, where runtimes and tools look for weights."""
+    keep = []
+    for node in proto.graph.node:
+        value = next((a.t for a in node.attribute if a.name == 'value'), None)
+        if node.op_type == 'Constant' and value is not None and len(node.attribute) == 1:
+            value.name = node.output[0]
+            proto.graph.initializer.append(value)
+        else:
+            keep.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    return proto
+
+
+def name_quantizer_nodes(proto, calls):
+    """Name every ``QuantizeLinear`` / ``DequantizeLinear`` after its quantizer.
+
+    The exporter's scope names cannot always tell two quantizers apart (a
+    residual block calls its LayerNorms' input quantizers itself: both show
+    as ``.../layers.0/input_quantizer``). The export forwards recorded their
+    calls in trace order, which is the graph's node order: the k-th
+    ``QuantizeLinear`` is the k-th QDQ call (its ``DequantizeLinear`` reads
+    it), the k-th ``DequantizeLinear`` of integer codes the k-th weight.
+    Nodes become ``<quantizer>/QuantizeLinear`` etc.
+    """
+    q_nodes = [n for n in proto.graph.node if n.op_type == 'QuantizeLinear']
+    codes = {i.name for i in proto.graph.initializer if i.data_type in (2, 3) and len(i.dims)}
+    w_nodes = [n for n in proto.graph.node if n.op_type == 'DequantizeLinear' and n.input[0] in codes]
+    if len(q_nodes) != len(calls['qdq']) or len(w_nodes) != len(calls['weight']):
+        raise RuntimeError(f'export: {len(q_nodes)} QuantizeLinear / {len(w_nodes)} weight '
+                           f'DequantizeLinear nodes for {len(calls["qdq"])} / '
+                           f'{len(calls["weight"])} recorded quantizer calls')
+    seen = {}
+
+    def unique(base):
+        seen[base] = seen.get(base, 0) + 1
+        return base if seen[base] == 1 else f'{base}_{seen[base] - 1}'
+
+    by_output = {}
+    for node, name in zip(q_nodes, calls['qdq']):
+        node.name = unique(f'{name}/QuantizeLinear')
+        by_output[node.output[0]] = name
+    for node, name in zip(w_nodes, calls['weight']):
+        node.name = unique(f'{name}/DequantizeLinear')
+    for node in proto.graph.node:
+        if node.op_type == 'DequantizeLinear' and node.input[0] in by_output:
+            node.name = unique(f'{by_output[node.input[0]]}/DequantizeLinear')
+    return proto
 
 
 def report_json(report):

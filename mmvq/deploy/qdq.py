@@ -83,41 +83,73 @@ class WeightDQ(torch.autograd.Function):
         return g.op('DequantizeLinear', codes, scale, zero_point, **kw)
 
 
-def qdq(x, scale, zero_point, axis, qmin, qmax):
-    """:class:`ActQDQ` of ``x`` for float ``scale`` / ``zero_point`` (0-d, or
-    1-D along ``axis``) and the code range ``[qmin, qmax]``."""
+def qdq_fn(scale, zero_point, qmin, qmax, ch_axis=None, split=False):
+    """``forward(x)``: a QDQ pair for float ``scale`` / ``zero_point`` (one
+    value, or one per channel along ``ch_axis``) and the codes ``[qmin, qmax]``.
+
+    The constants (the zero point in the codes' 8-bit type, the clip bounds of
+    a narrower code range) are made here, once, so the graph holds them as
+    initializers rather than as operations on the quantizer's buffers.
+
+    ``split=True`` writes a per-axis quantizer as one per-tensor QDQ pair per
+    slice of the axis (``Split -> QDQ ... -> Concat``), the same values: for
+    attention operands quantized per head, whose head axis is a batch axis of
+    the matmul. onnxruntime would otherwise fuse ``DQ(per-head A) @ B`` into
+    ``MatMulIntegerToFloat``, which accepts only one zero point for A and
+    fails at run time; behind the ``Concat`` the matmul stays a float one
+    over exactly dequantized values. ``forward.pairs`` is the number of QDQ
+    pairs a call writes.
+    """
     signed = qmin < 0
-    dtype = torch.int8 if signed else torch.uint8
     full = (-128, 127) if signed else (0, 255)
-    scale = scale.detach().float()
-    zp = zero_point.detach().round()
-    lo = hi = None
-    if (qmin, qmax) != full:
-        shape = [1] * x.dim()
-        if axis is not None:
-            shape[axis] = -1
-        lo = ((qmin - zp) * scale).reshape(shape).to(x.dtype)
-        hi = ((qmax - zp) * scale).reshape(shape).to(x.dtype)
-    return ActQDQ.apply(x, scale, zp.to(dtype), lo, hi, axis, qmin, qmax)
+    scale = scale.detach().float().reshape(-1).clone()
+    zp = zero_point.detach().float().reshape(-1).round()
+    narrow = (qmin, qmax) != full
+    lo, hi = (qmin - zp) * scale, (qmax - zp) * scale
+    zp = zp.to(torch.int8 if signed else torch.uint8)
+    per_tensor = scale.numel() == 1
+
+    def sliced(x):
+        axis = ch_axis % x.dim()
+        parts = torch.split(x, 1, dim=axis)
+        return torch.cat([one(p) for one, p in zip(per_slice, parts)], dim=axis)
+
+    def forward(x):
+        if per_tensor:
+            axis, view, args = None, (), (scale.reshape(()), zp.reshape(()))
+        else:
+            axis = ch_axis % x.dim()
+            view = [1] * x.dim()
+            view[axis] = -1
+            args = (scale, zp)
+        bounds = (lo.reshape(view).to(x.dtype), hi.reshape(view).to(x.dtype)) if narrow else (None, None)
+        return ActQDQ.apply(x, *args, *bounds, axis, qmin, qmax)
+
+    if split and not per_tensor:
+        per_slice = [qdq_fn(s_, z_, qmin, qmax) for s_, z_ in zip(scale, zero_point.reshape(-1))]
+        sliced.pairs = len(per_slice)
+        return sliced
+    forward.pairs = 1
+    return forward
 
 
-def uniform_qdq(quantizer, x):
-    """A calibrated :class:`~mmvq.quantizers.UniformQuantizer` applied to
-    ``x`` as a QDQ pair (per tensor, or per channel / head along its axis)."""
-    scale = quantizer.scale.reshape(-1)
-    zp = quantizer.zero_point.reshape(-1)
-    if scale.numel() == 1:
-        return qdq(x, scale.reshape(()), zp.reshape(()), None, quantizer.qmin, quantizer.qmax)
-    return qdq(x, scale, zp, quantizer.ch_axis % x.dim(), quantizer.qmin, quantizer.qmax)
+def uniform_qdq_fn(quantizer):
+    """:func:`qdq_fn` of a calibrated :class:`~mmvq.quantizers.UniformQuantizer`
+    (per tensor, per channel along its axis, per head as one pair per head)."""
+    return qdq_fn(quantizer.scale, quantizer.zero_point, quantizer.qmin, quantizer.qmax,
+                  quantizer.ch_axis, split=quantizer.granularity == 'head')
 
 
-def weight_dq(quantizer, weight, transpose=False):
-    """A weight as its integer codes and a ``DequantizeLinear`` (per output
-    channel, axis 0; with ``transpose`` a Linear's ``(in, out)`` layout, axis 1).
+def weight_dq_fn(quantizer, weight, transpose=False):
+    """``forward()``: a weight as its integer codes and a ``DequantizeLinear``
+    (per output channel, axis 0; with ``transpose`` a Linear's ``(in, out)``
+    layout, axis 1).
 
-    The codes are :meth:`UniformQuantizer.codes`, so the dequantized weight is
-    the fake-quantized one bit for bit."""
-    codes = quantizer.codes(weight.detach())
+    The codes are :meth:`UniformQuantizer.codes`, made here once, so the
+    dequantized weight is the fake-quantized one bit for bit and the graph
+    stores the codes, not the float weight."""
+    with torch.no_grad():
+        codes = quantizer.codes(weight.detach())
     scale = quantizer.scale.detach().float().reshape(-1)
     zp = quantizer.zero_point.detach().round().reshape(-1).to(codes.dtype)
     axis = None if scale.numel() == 1 else 0
@@ -126,7 +158,7 @@ def weight_dq(quantizer, weight, transpose=False):
         axis = None if axis is None else 1
     if axis is None:
         scale, zp = scale.reshape(()), zp.reshape(())
-    return WeightDQ.apply(codes, scale, zp, axis)
+    return lambda: WeightDQ.apply(codes, scale, zp, axis)
 
 
-__all__ = ['ActQDQ', 'WeightDQ', 'qdq', 'uniform_qdq', 'weight_dq']
+__all__ = ['ActQDQ', 'WeightDQ', 'qdq_fn', 'uniform_qdq_fn', 'weight_dq_fn']

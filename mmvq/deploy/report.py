@@ -1,10 +1,11 @@
 """The export report: what became of every quantizer in the ONNX graph.
 
 Built from the graph itself, not from what the exporter was asked to do:
-each quantizer of the quant summary is looked up by its module path in the
-node names (``/model/<module path>/...``) and the report records its export
-form and the ``QuantizeLinear`` / ``DequantizeLinear`` nodes found there, so a
-quantizer that vanished from the graph shows up as a mismatch. After
+each quantizer of the quant summary is looked up by name among the graph's
+``QuantizeLinear`` / ``DequantizeLinear`` nodes (``<quantizer>/QuantizeLinear``,
+named by :func:`mmvq.deploy.export.name_quantizer_nodes`), and the report
+records its export form and the nodes found, so a quantizer that vanished
+from the graph shows up as a mismatch. After
 onnxruntime has optimised the graph (:func:`runtime_kernels`), the report also
 counts the integer kernels the runtime actually runs.
 """
@@ -16,27 +17,9 @@ from ..summary import quant_summary
 # onnxruntime's integer kernels a QDQ pattern fuses into
 INTEGER_KERNELS = ('MatMulIntegerToFloat', 'QLinearMatMul', 'MatMulInteger', 'QGemm',
                    'QLinearConv', 'ConvInteger', 'DynamicQuantizeMatMul', 'QAttention',
-                   'QLinearAdd', 'QLinearMul', 'QLinearSoftmax', 'QLinearGlobalAveragePool')
+                   'QLinearAdd', 'QLinearMul', 'QLinearSoftmax', 'QLinearGlobalAveragePool',
+                   'MatMulNBits')       # weight-only (4-bit weights with a float input)
 FLOAT_MATMULS = ('MatMul', 'Gemm', 'FusedMatMul', 'Conv', 'FusedConv', 'FusedGemm')
-
-
-def _scope(name):
-    return '/model/' + name.replace('.', '/') + '/'
-
-
-def _scopes_of(name):
-    """Node-name prefixes of a module path: the exporter joins attribute names
-    with ``/`` and keeps list indices as ``name.i``; accept both spellings."""
-    parts = name.split('.')
-    joined, out = [], []
-    for p in parts:
-        if p.isdigit() and joined:
-            joined[-1] = f'{joined[-1]}.{p}'
-        else:
-            joined.append(p)
-    out.append('/model/' + '/'.join(joined) + '/')
-    out.append(_scope(name))
-    return out
 
 
 def export_report(model, proto, forms, path=None, opset=None):
@@ -58,26 +41,17 @@ def export_report(model, proto, forms, path=None, opset=None):
         quantizer a DequantizeLinear of integer codes).
     """
     nodes = list(proto.graph.node)
-    int_inits = {i.name for i in proto.graph.initializer if i.data_type in (2, 3)}
-    consts = {n.output[0] for n in nodes if n.op_type == 'Constant'
-              and any(a.t.data_type in (2, 3) for a in n.attribute)}
-    int_inits |= consts
+    int_inits = {i.name for i in proto.graph.initializer if i.data_type in (2, 3) and len(i.dims)}
 
-    def found(prefixes, op, from_codes=False):
-        return sum(1 for n in nodes if n.op_type == op and any(n.name.startswith(p) for p in prefixes)
-                   and (not from_codes or n.input[0] in int_inits))
+    def found(name, op):
+        return sum(1 for n in nodes if n.op_type == op and n.name.split('/')[0] == name)
 
     rows, summary = [], {(r['module'], r['slot']): r for r in quant_summary(model)}
     for name, q in iter_quantizers(model):
         if name not in forms:
             continue
         form = forms[name]
-        parent = name.rpartition('.')[0]
-        if form.startswith('weight-dq'):
-            q_nodes, dq_nodes = 0, found(_scopes_of(parent), 'DequantizeLinear', from_codes=True)
-        else:
-            q_nodes = found(_scopes_of(name), 'QuantizeLinear')
-            dq_nodes = found(_scopes_of(name), 'DequantizeLinear')
+        q_nodes, dq_nodes = found(name, 'QuantizeLinear'), found(name, 'DequantizeLinear')
         info = q.summary()
         rows.append(dict(name=name, kind=info['kind'], bits=info['bits'],
                          granularity=info.get('granularity', 'tensor'), form=form,
@@ -101,7 +75,7 @@ def export_report(model, proto, forms, path=None, opset=None):
                 graph=dict(nodes=len(nodes), ops=dict(sorted(ops.items())),
                            qdq_pairs=ops.get('QuantizeLinear', 0),
                            dequantize=ops.get('DequantizeLinear', 0),
-                           integer_initializers=len(int_inits)),
+                           integer_weights=len(int_inits)),
                 checks=checks)
 
 

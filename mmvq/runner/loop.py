@@ -9,6 +9,7 @@ with ``mmvq.PTQHook``; the loop adds the FP evaluation and the timing protocol.
 import contextlib
 import copy
 import os.path as osp
+import time
 
 import torch
 from mmengine.dist import is_main_process
@@ -24,6 +25,8 @@ from ..utils.progress import progress_bar
 from .profiling import profile_to
 from .report import PhaseMeter
 from .session import PTQSession
+
+BACKENDS = ('pytorch', 'onnxruntime')
 
 
 @LOOPS.register_module()
@@ -60,13 +63,23 @@ class PTQLoop(BaseLoop):
             only run the model). Steadies the FP-vs-quantized time ratio of
             evaluations that take seconds, where machine noise dominates.
         checkpoint (str | None): float checkpoint path, for the report.
+        backend (str): ``'pytorch'`` (the fake-quantized model) or
+            ``'onnxruntime'``: also export the quantized model to ONNX
+            (:func:`mmvq.deploy.export_onnx`; a classifier whole, a detector's
+            backbone + neck, one graph per input shape under
+            ``<work_dir>/onnx/``) and evaluate it in onnxruntime with the same
+            data and evaluator, a third phase of ``results.json``.
+        ort_threads (int | None): onnxruntime intra-op threads.
     """
 
     def __init__(self, runner, dataloader, evaluator, quant=None, calib_images=None,
                  calib_split=None, seed=None, skip_fp=False, save_quantized=None,
                  load_quantized=None, max_eval_images=None, checkpoint=None, profile=False,
-                 eval_repeats=1, calib_dataloader=None):
+                 eval_repeats=1, calib_dataloader=None, backend='pytorch', ort_threads=None):
         validate_qcfg(quant)
+        if backend not in BACKENDS:
+            raise ValueError(f'--backend {backend!r}: use one of {", ".join(BACKENDS)}')
+        self.backend, self.ort_threads = backend, ort_threads
         if not isinstance(eval_repeats, int) or eval_repeats < 1:
             raise ValueError(f'--eval-repeats must be a positive integer, got {eval_repeats!r}')
         self.eval_repeats = eval_repeats
@@ -126,14 +139,16 @@ class PTQLoop(BaseLoop):
                 metric.img_ids = ids
 
     @torch.no_grad()
-    def _evaluate(self, tag):
-        """Evaluate the model as it stands; returns ``(metrics, PhaseMeter)``."""
+    def _evaluate(self, tag, model=None):
+        """Evaluate the model as it stands (or ``model``, something with a
+        ``test_step``); returns ``(metrics, PhaseMeter)``."""
+        model_ = model or self.runner.model
         self.runner.model.eval()
         self.runner.call_hook('before_test_epoch')
         # one untimed forward first (lazy initialisation, allocator warm-up,
-        # cached fake-quantized weights), so FP and quantized timings compare
-        # steady state with steady state
-        self.runner.model.test_step(next(iter(self.dataloader)))
+        # cached fake-quantized weights, the ONNX export of the first input
+        # shape), so the timings compare steady state with steady state
+        model_.test_step(next(iter(self.dataloader)))
         release_memory()          # both phases start from the memory they hold, not glibc's leftovers
         bar = progress_bar(len(self.dataloader), f'eval {tag}')
         prof = contextlib.nullcontext()
@@ -144,7 +159,7 @@ class PTQLoop(BaseLoop):
         with PhaseMeter(module_device(model)) as meter, prof:
             for idx, data_batch in enumerate(self.dataloader):
                 self.runner.call_hook('before_test_iter', batch_idx=idx, data_batch=data_batch)
-                outputs = self.runner.model.test_step(data_batch)
+                outputs = model_.test_step(data_batch)
                 self.evaluator.process(data_samples=outputs, data_batch=data_batch)
                 self.runner.call_hook('after_test_iter', batch_idx=idx, data_batch=data_batch,
                                       outputs=outputs)
@@ -153,7 +168,7 @@ class PTQLoop(BaseLoop):
             meter.lap()
             for _ in range(self.eval_repeats - 1):       # timing only
                 for data_batch in self.dataloader:
-                    self.runner.model.test_step(data_batch)
+                    model_.test_step(data_batch)
                 meter.lap()
         if meter.busy:
             self.runner.logger.warning(
@@ -168,6 +183,22 @@ class PTQLoop(BaseLoop):
                                 f'in {meter.elapsed:.2f} s')
         return metrics, meter
 
+    def _deployed(self):
+        """The quantized model with its exported part in onnxruntime, and the
+        record ``results.json`` keeps of it (filled as graphs are exported)."""
+        from ..deploy import DeployedModel, kernels_of, onnx_dir_export_fn
+        record = dict(backend='onnxruntime', threads=self.ort_threads, export_s=0.0, graphs={})
+        export = onnx_dir_export_fn(self.session.model, osp.join(self.runner.work_dir, 'onnx'),
+                                    logger=self.runner.logger, reports=record['graphs'])
+
+        def timed_export(x):
+            t0 = time.perf_counter()
+            path = export(x)
+            record['graphs'][osp.basename(path)]['runtime'] = kernels_of(path, self.ort_threads)
+            record['export_s'] += time.perf_counter() - t0
+            return path
+        return DeployedModel(self.session.model, timed_export, self.ort_threads), record
+
     def run(self):
         self.runner.call_hook('before_test')
         self.runner.logger.info(f'[mmvq] full log (environment, config): {self.runner.log_dir}')
@@ -176,7 +207,13 @@ class PTQLoop(BaseLoop):
             metrics['fp'], phases['fp'] = self._evaluate('FP')
         self.session.quantize()
         metrics['quantized'], phases['quantized'] = self._evaluate('quantized')
+        deploy = None
+        if self.backend == 'onnxruntime':
+            deployed, deploy = self._deployed()
+            metrics['onnxruntime'], phases['onnxruntime'] = self._evaluate('onnxruntime', deployed)
+            deploy['graphs'] = {k: {f: v for f, v in r.items() if f != 'quantizers'}
+                                for k, r in deploy['graphs'].items()}
         self.session.report(phases, metrics, len(self.dataloader.dataset), self.eval_subset,
-                            self.eval_repeats, self.profile)
+                            self.eval_repeats, self.profile, deploy=deploy)
         self.runner.call_hook('after_test')
         return metrics['quantized']

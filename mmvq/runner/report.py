@@ -81,7 +81,7 @@ class PhaseMeter:
 
 def build_results(model, qcfg, phases, metrics, *, config=None, checkpoint=None, task=None,
                   scope=None, eval_images=0, eval_subset=None, calibration=None, repeats=1,
-                  profiled=False, entry='PTQLoop'):
+                  profiled=False, entry='PTQLoop', deploy=None):
     """The ``results.json`` record of a run.
 
     Args:
@@ -97,11 +97,22 @@ def build_results(model, qcfg, phases, metrics, *, config=None, checkpoint=None,
         repeats (int): passes per evaluation phase.
         profiled (bool): whether the phases ran under the profiler.
         entry (str): ``'PTQLoop'`` or ``'PTQHook'``.
+        deploy (dict | None): the exported graphs (``--backend onnxruntime``):
+            the phase ``'onnxruntime'`` of ``metrics`` / ``phases`` is the
+            deployed model, compared with the fake-quantized one in
+            ``metrics.onnxruntime_vs_quantized`` and timed against FP.
     """
     fp, q = metrics.get('fp') or {}, metrics.get('quantized') or {}
     delta = {k: q[k] - fp[k] for k in q if k in fp and isinstance(q[k], (int, float))}
     times = {tag: meter.elapsed for tag, meter in phases.items()}
     ratio = times['quantized'] / times['fp'] if times.get('fp') else None
+    deployed = metrics.get('onnxruntime')
+    extra_metrics, extra_times = {}, {}
+    if deployed is not None:
+        extra_metrics = dict(onnxruntime=deployed, onnxruntime_vs_quantized={
+            k: deployed[k] - q[k] for k in deployed if k in q and isinstance(deployed[k], (int, float))})
+        if times.get('fp'):
+            extra_times['onnxruntime_vs_fp'] = times['onnxruntime'] / times['fp']
     # a ratio taken while other processes used the CPUs measures them
     reliable = not any(meter.busy for meter in phases.values())
     kinds = {}
@@ -114,14 +125,14 @@ def build_results(model, qcfg, phases, metrics, *, config=None, checkpoint=None,
         method=qcfg.get('name', 'unnamed'), entry=entry,
         bits={k: sorted(v) for k, v in kinds.items()},
         quant=qcfg, task=task, scope=scope,
-        metrics=dict(fp=fp or None, quantized=q, delta=delta or None),
+        metrics=dict(fp=fp or None, quantized=q, delta=delta or None, **extra_metrics),
         eval_images=eval_images, eval_subset=eval_subset,
         eval_time=dict(total=times,
                        per_image={k: v / max(1, eval_images) for k, v in times.items()},
-                       quantized_vs_fp=ratio, reliable=reliable, repeats=repeats,
+                       quantized_vs_fp=ratio, **extra_times, reliable=reliable, repeats=repeats,
                        passes={k: m.passes for k, m in phases.items()},
                        load={k: m.load for k, m in phases.items()}),
-        calibration=calibration or {}, profiled=profiled,
+        calibration=calibration or {}, profiled=profiled, deploy=deploy,
         device=dict(device_report(device),
                     integer_dtype=str(integer_dtype(device)).replace('torch.', '')),
         memory={k: m.memory for k, m in phases.items()},
@@ -146,7 +157,12 @@ def console_lines(r):
             lines.append(f'[mmvq] {k}: ' + (f'FP {fp[k]:.4g} -> quantized {v:.4g} '
                                              f'({v - fp[k]:+.4g})' if k in fp else
                                              f'quantized {v:.4g}'))
+    for k, v in (m.get('onnxruntime') or {}).items():
+        if isinstance(v, (int, float)) and k in q:
+            lines.append(f'[mmvq] {k}: onnxruntime {v:.4g} (vs fake-quant {v - q[k]:+.4g})')
     t = r['eval_time']
+    if t.get('onnxruntime_vs_fp') is not None:
+        lines.append(f'[mmvq] evaluation time per image: onnxruntime {t["onnxruntime_vs_fp"]:.2f}x FP')
     if t['quantized_vs_fp'] is not None:
         lines.append(f'[mmvq] evaluation time per image: quantized {t["quantized_vs_fp"]:.2f}x FP'
                      + ('' if t['reliable'] else ' (timed on a busy machine: not reliable)'))
@@ -170,12 +186,22 @@ def results_markdown(r, summary):
                 f' ({r["eval_time"]["quantized_vs_fp"]:.2f}x FP'
                 + ('' if r['eval_time']['reliable'] else ', timed on a busy machine') + ')'),
              '',
-             '| metric | FP | quantized | delta |', '|---|---|---|---|']
+             ]
+    ort = m.get('onnxruntime')
+    if ort is not None:
+        lines[-1:-1] = [f'- deployed: onnxruntime ({r["eval_time"]["per_image"]["onnxruntime"]:.3f} s per '
+                        f'image), graphs exported in {r["deploy"]["export_s"]:.1f} s: '
+                        + ', '.join(f'`{k}`' for k in r['deploy']['graphs'])]
+    lines += ['| metric | FP | quantized | delta |' + (' onnxruntime | vs quantized |' if ort else ''),
+              '|---|---|---|---|' + ('---|---|' if ort else '')]
     for k, v in q.items():
         if isinstance(v, (int, float)):
             fpv = fp.get(k)
-            lines.append(f'| {k} | {"-" if fpv is None else f"{fpv:.4f}"} | {v:.4f} | '
-                         f'{"-" if k not in d else f"{d[k]:+.4f}"} |')
+            row = (f'| {k} | {"-" if fpv is None else f"{fpv:.4f}"} | {v:.4f} | '
+                   f'{"-" if k not in d else f"{d[k]:+.4f}"} |')
+            if ort and isinstance(ort.get(k), (int, float)):
+                row += f' {ort[k]:.4f} | {ort[k] - v:+.4f} |'
+            lines.append(row)
     lines += ['', f'versions: torch {r["versions"]["PyTorch"]}, mmcv {r["versions"]["mmcv"]}, '
               f'mmdet {r["versions"]["mmdet"]}, mmpretrain {r["versions"]["mmpretrain"]}, '
               f'mmvq {r["versions"]["mmvq"]}', '']

@@ -151,7 +151,8 @@ class PTQSession:
     def config_name(self):
         return getattr(self.runner.cfg, 'filename', None)
 
-    def report(self, phases, metrics, eval_images, eval_subset=None, repeats=1, profiled=False):
+    def report(self, phases, metrics, eval_images, eval_subset=None, repeats=1, profiled=False,
+               deploy=None):
         """Write ``results.json`` / ``results.md`` (main process) and log the
         lines a user reads first; returns the results (None off rank 0).
 
@@ -162,6 +163,8 @@ class PTQSession:
             eval_subset (dict | None): the seeded evaluation subset.
             repeats (int): passes per evaluation phase.
             profiled (bool): whether the phases were profiled.
+            deploy (dict | None): the exported graphs and their runtime, when
+                a phase ran in onnxruntime.
         """
         if not is_main_process():
             return None
@@ -169,7 +172,7 @@ class PTQSession:
                                 checkpoint=self.checkpoint, task=self.task, scope=self.scope,
                                 eval_images=eval_images, eval_subset=eval_subset,
                                 calibration=self.calibration, repeats=repeats, profiled=profiled,
-                                entry=self.entry)
+                                entry=self.entry, deploy=deploy)
         work_dir = self.runner.work_dir
         write_results(work_dir, results, self.summary)
         self.runner.logger.info(f'[mmvq] results written to {work_dir}/results.json and results.md')
