@@ -171,7 +171,6 @@ def bench_model(args, key, log):
             first = static[args.batch[0]][0]
             timed('onnxruntime', lambda b, x: run_session(static[b][1], x),
                   'int8 (onnxruntime quantize_static)', first, kernels_of(first, args.threads, False))
-        del model, sessions
     return rows
 
 

@@ -82,6 +82,8 @@ def run_one(args, model, method, spec, data_root):
         cmd += ['--max-eval-images', str(args.max_eval_images)]
     if args.profile:
         cmd.append('--profile')
+    if args.backend != 'pytorch':
+        cmd += ['--backend', args.backend]
     os.makedirs(wd, exist_ok=True)
     log = osp.join(wd, 'benchmark.log')
     t0 = time.perf_counter()
@@ -120,6 +122,10 @@ def row_of(model, method, spec, res):
                mem_q_mb=mem.get('quantized', {}).get('peak_mb'),
                eval_images=res['eval_images'], command=res['_command'], wall_s=res['_wall'])
     row['delta'] = {k: row['quant'][k] - row['fp'][k] for k in row['fp']}
+    ort = res['metrics'].get('onnxruntime')
+    if ort is not None:
+        row['onnxruntime'] = {lab: ort[k] * spec['scale'] for k, lab in spec['metrics']}
+        row['onnxruntime_vs_fp'] = res['eval_time'].get('onnxruntime_vs_fp')
     row['mem_ratio'] = (row['mem_q_mb'] / row['mem_fp_mb']
                         if row['mem_fp_mb'] and row['mem_q_mb'] else None)
     if res.get('_profile'):
@@ -177,6 +183,18 @@ def markdown(rows, meta):
                        + f' | {r["calib_s"]:.1f} | {r["eval_ratio"]:.2f}x'
                        + ('' if r['eval_reliable'] else ' †') + f' | {mem} | '
                        + ('✗ ' + '; '.join(r['missed']) if r['missed'] else '✓') + ' |')
+        ort_rows = [r for r in mrows if 'onnxruntime' in r]
+        if ort_rows:
+            out += ['', 'Deployed (`--backend onnxruntime`: exported with `mmvq.export_onnx`, '
+                    'run in onnxruntime, same data and evaluator):', '',
+                    '| method | ' + ' | '.join(f'{lab} fake-quant | {lab} onnxruntime | Δ'
+                                              for lab in labs) + ' | onnxruntime eval time vs FP |',
+                    '|---|' + '---:|---:|---:|' * len(labs) + '---:|']
+            for r in ort_rows:
+                out.append(f'| {r["name"]} | ' + ' | '.join(
+                    f'{r["quant"][lab]:.2f} | {r["onnxruntime"][lab]:.2f} | '
+                    f'{r["onnxruntime"][lab] - r["quant"][lab]:+.2f}' for lab in labs)
+                    + f' | {r["onnxruntime_vs_fp"]:.2f}x |')
         out.append('')
     out += ['Targets: quantized eval ≤ 1.3x FP per image; FPCS / IGQ-allocation calibration of the '
             'tiny detector ≤ 120 s; W6A6 within 1 point of FP; at W4A4 AdaLog and IGQ above '
@@ -219,6 +237,9 @@ def main(argv=None):
                         'fastest (default: det 1, cls 3 -- its 2000-image evaluation takes ~2 s)')
     p.add_argument('--small-data', type=int, default=0, metavar='N',
                    help='generate/prepare only N train images (quick checks, CI)')
+    p.add_argument('--backend', choices=['pytorch', 'onnxruntime'], default='pytorch',
+                   help='ptq.py --backend: onnxruntime also exports each quantized model and '
+                        'evaluates it in onnxruntime (a second table)')
     p.add_argument('--profile', action='store_true',
                    help='ptq.py --profile: where eval time goes, <run>/profile_{fp,quantized}.txt '
                         '(timings then include profiler overhead)')

@@ -35,7 +35,6 @@ import torch
 import torch.nn as nn
 
 from ..modes import iter_quantizers
-from ..modules.base import QuantModuleMixin
 from ..modules.layernorm import QuantLayerNorm
 from ..modules.linear import QuantConv2d, QuantLinear
 from ..modules.softmax import QuantSoftmax

@@ -28,15 +28,24 @@ from ..quantizers.lis import LN2, POLY, float64_exact
 from ..quantizers.exact import integer_dtype
 
 
-def floor_log2(a):
-    """``floor(log2 a)`` of positive float64 ``a`` (``+inf`` stays ``+inf``).
+def pow2_table(x, lo, hi):
+    """Exact ``2^x`` for integer-valued float64 ``x`` in ``[lo, hi]``: one
+    ``Gather`` from a table of ``hi - lo + 1`` powers (no per-element ``Pow``)."""
+    exps = torch.arange(lo, hi + 1, dtype=torch.float64, device=x.device)
+    return torch.pow(2.0, exps)[(x - lo).long()]
+
+
+def floor_log2(a, lo=-1074, hi=1023):
+    """``floor(log2 a)`` of positive float64 ``a``: exact in ``[lo - 1, hi]``,
+    ``lo - 1`` below and ``hi`` above (``+inf`` gives ``hi``).
 
     ``log(a) / ln 2`` is within a few ulps of the true value, so its floor is
     off by at most one next to a power of two; comparing with the exact
-    ``2^e`` corrects it.
+    ``2^e`` corrects it. Callers that need only a range pass a narrow
+    ``[lo, hi]`` (the table of powers gathered from is that long).
     """
-    e = torch.floor(torch.log(a) / math.log(2.0))
-    p = torch.pow(torch.full_like(a, 2.0), e)
+    e = torch.clamp(torch.floor(torch.log(a) / math.log(2.0)), lo, hi - 1)
+    p = pow2_table(e, lo, hi)
     e = torch.where(p > a, e - 1, e)
     return torch.where(p * 2 <= a, e + 1, e)
 
@@ -56,8 +65,7 @@ def int_layer_norm_graph(codes, zero_point, alpha, in_scale, weight, bias, out_s
     """
     f64 = torch.float64
     s, s_out = in_scale.reshape(()).to(f64), out_scale.reshape(()).to(f64)
-    two = torch.full_like(s, 2.0)
-    x = (codes.to(f64) - zero_point.reshape(()).to(f64)) * torch.pow(two, alpha.to(f64))
+    x = (codes.to(f64) - zero_point.reshape(()).to(f64)) * torch.pow(2.0, alpha.to(f64))
     c = x.shape[-1]
     sum1 = x.sum(dim=-1, keepdim=True)
     sum2 = (x * x).sum(dim=-1, keepdim=True)
@@ -65,13 +73,15 @@ def int_layer_norm_graph(codes, zero_point, alpha, in_scale, weight, bias, out_s
     w = weight.to(f64)
     a = (s / std) * (w / s_out)
     mag = torch.abs(a)
-    exp = floor_log2(torch.where(mag > 0, mag, torch.ones_like(mag))) + 1
-    n = torch.where(mag > 0, torch.clamp(m_bits - exp, 0, 31), torch.full_like(mag, m_bits))
-    p = torch.pow(two, n)
+    # n = clamp(m_bits - 1 - floor(log2 |a|), 0, 31): exponents outside
+    # [m_bits - 32, m_bits - 1] clamp n the same way, so that is the range needed
+    exp = floor_log2(torch.where(mag > 0, mag, 1.0), m_bits - 33, m_bits) + 1
+    n = torch.where(mag > 0, torch.clamp(m_bits - exp, 0, 31), float(m_bits))
+    p = pow2_table(n, 0, 31)
     m = torch.clamp(trunc(a * p), -(2 ** m_bits - 1), 2 ** m_bits - 1)
     mean = sum1 / c * s
     b = torch.round((bias.to(f64) - (mean / std) * w) / s_out * p)
-    y = torch.floor((m * x + b) * torch.pow(two, -n) + 0.5)
+    y = torch.floor((m * x + b) * pow2_table(-n, -31, 0) + 0.5)
     zp = out_zero_point.reshape(()).to(f64)
     y = torch.minimum(torch.maximum(y, out_qmin - zp), out_qmax - zp)
     return (y * s_out).float()
@@ -80,8 +90,7 @@ def int_layer_norm_graph(codes, zero_point, alpha, in_scale, weight, bias, out_s
 def _lis_table(bits, like):
     levels = 2 ** bits
     exps = torch.arange(levels + 1, dtype=like.dtype, device=like.device)
-    table = torch.pow(torch.full_like(exps, 2.0), -exps)
-    return torch.where(exps < levels, table, torch.zeros_like(table))
+    return torch.where(exps < levels, torch.pow(2.0, -exps), 0.0)
 
 
 def lis_softmax_graph(logits, scale, bits=4, n=30, mask=None, dtype=None):
@@ -114,26 +123,27 @@ def lis_softmax_graph(logits, scale, bits=4, n=30, mask=None, dtype=None):
     if use_f64:
         q = torch.floor(x / x0)
         r = x - q * x0
-        e = ((r + b_int) * r + c_int) * torch.pow(torch.full_like(q, 2.0), n - q)
+        e = ((r + b_int) * r + c_int) * pow2_table(n - q, 0, n)
         total = e.sum(dim=-1, keepdim=True)
         v = torch.floor((e + total * 2.0) / e * 0.5)
         if levels > 40:
             v = torch.clamp(v, max=(1 << 40) - 1)
-        k = floor_log2(v / 1.5) + 1                  # +inf where e == 0: zero
+        # v >= 1: k >= 0; every k >= levels reads the table's exact 0 (e == 0: v = +inf)
+        k = floor_log2(v / 1.5, -1, levels) + 1
         idx = torch.clamp(k, 0, levels)
     else:
         xi = x.long()
         q = torch.div(xi, x0, rounding_mode='trunc')  # x <= 0, x0 < 0: trunc == floor
         r = xi - q * x0
-        shift = torch.pow(torch.full_like(x, 2.0), (n - q).double()).long()
+        shift = pow2_table((n - q).double(), 0, n).long()
         e = torch.clamp((r * (r + b_int) + c_int) * shift, min=0)
         total = e.sum(dim=-1, keepdim=True)
         zero = e == 0
-        safe = torch.where(zero, torch.ones_like(e), e)
+        safe = torch.where(zero, 1, e)
         recip = torch.div(total * 2 + safe, safe * 2, rounding_mode='trunc')
         recip = torch.clamp(recip, min=1, max=(1 << 40) - 1)
-        k = floor_log2(recip.double() / 1.5) + 1
-        idx = torch.where(zero | (k >= levels), torch.full_like(k, levels), torch.clamp(k, 0, levels))
+        k = floor_log2(recip.double() / 1.5, -1, levels) + 1
+        idx = torch.where(zero | (k >= levels), float(levels), torch.clamp(k, 0, levels))
     return _lis_table(bits, logits)[idx.long()].to(logits.dtype)
 
 
@@ -158,14 +168,11 @@ def igq_graph(quantizer, x):
     zero point (``Gather``), then the affine fake quantization."""
     shape = x.shape
     if quantizer.unit == 'row':
-        view = x.reshape(shape[0], -1, shape[-1])                 # (I, U, R)
-        reduce_dim, unit_dim = 2, 1
+        view, reduce_dim = x.reshape(shape[0], -1, shape[-1]), 2     # (I, U, R)
     elif x.dim() == 4:
-        view = x.reshape(shape[0], shape[1], -1)                  # (B, C, HW)
-        reduce_dim, unit_dim = 2, 1
+        view, reduce_dim = x.reshape(shape[0], shape[1], -1), 2      # (B, C, HW)
     else:
-        view = x.reshape(shape[0], -1, shape[-1])                 # (B, T, C)
-        reduce_dim, unit_dim = 1, 2
+        view, reduce_dim = x.reshape(shape[0], -1, shape[-1]), 1     # (B, T, C)
     mins, maxs = view.amin(dim=reduce_dim), view.amax(dim=reduce_dim)         # (I, U)
     centres = quantizer.centres.to(x.dtype)
     d = (mins.unsqueeze(-1) - centres[:, 0]) ** 2 + (maxs.unsqueeze(-1) - centres[:, 1]) ** 2
@@ -177,4 +184,4 @@ def igq_graph(quantizer, x):
     return (q * s).reshape(shape)
 
 
-__all__ = ['floor_log2', 'int_layer_norm_graph', 'lis_softmax_graph', 'adalog_graph', 'igq_graph']
+__all__ = ['floor_log2', 'pow2_table', 'int_layer_norm_graph', 'lis_softmax_graph', 'adalog_graph', 'igq_graph']

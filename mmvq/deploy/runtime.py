@@ -123,13 +123,11 @@ class DeployedModel(nn.Module):
             self.sessions[key] = ort_session(path, self.threads)
         return self.sessions[key]
 
-    def run(self, x):
-        return run_session(self.session(x), x)
-
     @contextlib.contextmanager
-    def _features_from_runtime(self):
+    def _features_from(self, session):
+        """The detector's ``extract_feat`` runs ``session`` while the context lasts."""
         model = self.model
-        model.extract_feat = self.run            # an instance attribute, removed below
+        model.extract_feat = lambda x: run_session(session, x)   # removed below
         try:
             yield
         finally:
@@ -140,10 +138,11 @@ class DeployedModel(nn.Module):
         model = self.model
         data = model.data_preprocessor(data, False)
         inputs, samples = data['inputs'], data['data_samples']
+        session = self.session(inputs)           # exported first, from the untouched model
         if self.task == 'classification':
-            (logits, ) = self.run(inputs)
+            (logits, ) = run_session(session, inputs)
             return model.head._get_predictions(logits, samples)
-        with self._features_from_runtime():
+        with self._features_from(session):
             return model.predict(inputs, samples)
 
     def forward(self, *args, **kwargs):
