@@ -175,3 +175,12 @@ def small_swin():
 def tiny_vit():
     """The trained tiny ViT of the benchmark (28x28 inputs, 10 classes)."""
     return tiny_vit_case()[0]
+
+
+def calibrated(q, *batches):
+    """A quantizer calibrated on ``batches`` and switched to quant mode."""
+    q.set_mode('calib')
+    for b in batches:
+        q(b)
+    q.calibrate()
+    return q.set_mode('quant')

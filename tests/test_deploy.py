@@ -19,8 +19,8 @@ pytest.importorskip('onnxruntime')
 import onnx  # noqa: E402
 
 import mmvq  # noqa: E402
-from helpers import (FASHION_MINI, ROOT, TINY_VIT_CKPT, quant_block, tiny_config,  # noqa: E402
-                     tiny_swin_cls_case, tiny_vit_case)
+from helpers import (FASHION_MINI, ROOT, TINY_VIT_CKPT, calibrated, quant_block,  # noqa: E402
+                     tiny_config, tiny_swin_cls_case, tiny_vit_case)
 from mmvq.deploy import export_onnx, ort_session, run_session  # noqa: E402
 from mmvq.deploy.graphs import (adalog_graph, floor_log2, igq_graph,  # noqa: E402
                                 int_layer_norm_graph, lis_softmax_graph)
@@ -46,14 +46,6 @@ class Fn(nn.Module):
 
     def forward(self, *xs):
         return self.fn(*xs)
-
-
-def calibrated(q, *batches):
-    q.set_mode('calib')
-    for b in batches:
-        q(b)
-    q.calibrate()
-    return q.set_mode('quant')
 
 
 # ------------------------------------------------------------ quantizer level

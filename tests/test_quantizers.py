@@ -4,19 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import calibrated
 from mmvq.quantizers import (AdaLogQuantizer, IGQQuantizer, LogIntSoftmax, PTFQuantizer,
                              UniformQuantizer)
 from mmvq.quantizers.adalog import adalog_tables
 from mmvq.quantizers.lis import int_exp, lis_attn_v_shift, lis_dequantize, log_int_softmax, log_round
 from mmvq.quantizers.ptf import dyadic, int_layer_norm
-
-
-def calibrated(q, *batches):
-    q.set_mode('calib')
-    for b in batches:
-        q(b)
-    q.calibrate()
-    return q.set_mode('quant')
 
 
 # ----------------------------------------------------------------- uniform

@@ -111,13 +111,15 @@ def _conv_forward(m, name, calls):
 def _int_layernorm_forward(m):
     iq, oq = m.input_quantizer, m.output_quantizer
     channel_scale = iq.channel_scale().detach()
+    zero = torch.zeros_like(iq.zero_point)
 
     def forward(x):
         if not m.stream_input:
             x = iq(x)                      # the PTF QDQ pair (the stream carries it otherwise)
-        # x is on the PTF grid: its codes are round(x / (s 2^alpha)) + z exactly
-        codes = torch.round(x / channel_scale) + iq.zero_point.reshape(())
-        y = int_layer_norm_graph(codes, iq.zero_point, iq.alpha, iq.scale, m.weight, m.bias,
+        # x is on the PTF grid: round(x / (s 2^alpha)) is exactly its code minus
+        # the zero point, which the integer LayerNorm subtracts first (so: 0)
+        centred = torch.round(x / channel_scale)
+        y = int_layer_norm_graph(centred, zero, iq.alpha, iq.scale, m.weight, m.bias,
                                  oq.scale, oq.zero_point, oq.qmin, oq.qmax)
         # the output is on oq's grid: its QDQ pair is exact and feeds the next
         # Linear an integer input
