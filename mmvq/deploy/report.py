@@ -34,17 +34,21 @@ def export_report(model, proto, forms, path=None, opset=None):
 
     Returns:
         dict: ``quantizers`` (one row per quantizer: name, kind, bits,
-        granularity, form, ``q_nodes`` / ``dq_nodes`` found under its module
-        path), ``forms`` (count per form), ``graph`` (node counts per op
-        type, ``qdq_pairs``, integer initializers) and ``checks`` (every
-        uniform/PTF activation quantizer has a QDQ pair, every weight
-        quantizer a DequantizeLinear of integer codes).
+        granularity, form, the ``q_nodes`` / ``dq_nodes`` named after it),
+        ``forms`` (count per form), ``graph`` (node counts per op
+        type, ``qdq_pairs``, integer weights) and ``checks`` (``ok``: every
+        enabled quantizer of the quant summary was exported, every uniform /
+        PTF activation quantizer has a QDQ pair, every weight quantizer a
+        DequantizeLinear of integer codes).
     """
     nodes = list(proto.graph.node)
     int_inits = {i.name for i in proto.graph.initializer if i.data_type in (2, 3) and len(i.dims)}
 
+    named = Counter((n.name.split('/')[0], n.op_type) for n in nodes
+                    if n.op_type in ('QuantizeLinear', 'DequantizeLinear'))
+
     def found(name, op):
-        return sum(1 for n in nodes if n.op_type == op and n.name.split('/')[0] == name)
+        return named[(name, op)]
 
     rows, summary = [], {(r['module'], r['slot']): r for r in quant_summary(model)}
     for name, q in iter_quantizers(model):
@@ -66,7 +70,12 @@ def export_report(model, proto, forms, path=None, opset=None):
         weight_quantizers_in_graph=sum(1 for r in weight_rows if r['dq_nodes'] >= 1),
         emulated=sum(1 for r in rows if r['form'].startswith('emulated')),
         summary_quantizers=sum(1 for r in summary.values() if r['enabled']))
-    checks['ok'] = (checks['qdq_quantizers'] == checks['qdq_quantizers_in_graph']
+    exported = {r['name'] for r in rows}
+    checks['missing'] = sorted(
+        n for n in (f'{m + "." if m else ""}{slot.split("+")[0]}_quantizer'
+                    for (m, slot), r in summary.items() if r['enabled']) if n not in exported)
+    checks['ok'] = (not checks['missing']
+                    and checks['qdq_quantizers'] == checks['qdq_quantizers_in_graph']
                     and checks['weight_quantizers'] == checks['weight_quantizers_in_graph'])
     extra = {k: v for k, v in forms.items() if k not in {r['name'] for r in rows}}
     return dict(path=path, opset=opset, quantizers=rows,
