@@ -120,6 +120,32 @@ def ort_static(fp_path, x, out_path):
     return out_path
 
 
+def openvino_runner(path, threads):
+    """OpenVINO (CPU plugin) compiled from the same ONNX graph, f32 inference
+    precision (so FP32 is FP32, and only the QDQ parts run in integer);
+    returns ``(run(x), {runtime precision of the matmul/conv layers: count})``."""
+    import numpy as np
+    import openvino as ov
+    import torch
+    compiled = ov.Core().compile_model(path, 'CPU', {'INFERENCE_NUM_THREADS': threads,
+                                                     'INFERENCE_PRECISION_HINT': 'f32',
+                                                     'PERFORMANCE_HINT': 'LATENCY'})
+    req = compiled.create_infer_request()
+    precisions = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if 'layerType' in info and info['layerType'].astype(str) in ('FullyConnected', 'MatMul',
+                                                                      'Convolution'):
+            p = info['runtimePrecision'].astype(str)
+            precisions[p] = precisions.get(p, 0) + 1
+
+    def run(x):
+        req.infer({0: np.ascontiguousarray(x.numpy())})
+        return [torch.from_numpy(req.get_output_tensor(i).data.copy())
+                for i in range(len(compiled.outputs))]
+    return run, precisions
+
+
 def bench_model(args, key, log):
     import torch
 
@@ -160,9 +186,20 @@ def bench_model(args, key, log):
                 export_onnx(model, x, path, forward_fn=forward)
             sessions[b] = (path, ort_session(path, args.threads, quantized=method != 'fp'))
         first = sessions[args.batch[0]][0]
-        timed('onnxruntime', lambda b, x: run_session(sessions[b][1], x),
-              'FP32' if method == 'fp' else f'{method} (mmvq export)', first,
+        kind = 'FP32' if method == 'fp' else f'{method} (mmvq export)'
+        timed('onnxruntime', lambda b, x: run_session(sessions[b][1], x), kind, first,
               kernels_of(first, args.threads, quantized=method != 'fp'))
+        if args.openvino:
+            ov = {b: openvino_runner(p, args.threads) for b, (p, _) in sessions.items()}
+            row = timed('OpenVINO', lambda b, x: ov[b][0](x), kind, first,
+                        dict(integer={f'{k} layers': v for k, v in ov[args.batch[0]][1].items()
+                                      if k in ('u8', 'i8')},
+                             float={f'{k} layers': v for k, v in ov[args.batch[0]][1].items()
+                                    if k not in ('u8', 'i8')}))
+            b, x = next(iter(xs.items()))
+            ref, got = run_session(sessions[b][1], x), ov[b][0](x)
+            row['vs_onnxruntime_max_rel'] = max(
+                float((a - c).abs().max() / a.abs().max().clamp(min=1e-12)) for a, c in zip(ref, got))
         if method == 'fp' and args.ort_static:
             static = {}
             for b, x in xs.items():
@@ -195,6 +232,8 @@ def markdown(rows, meta):
             ints = ', '.join(f'{k} {v}' for k, v in kern.get('integer', {}).items())
             flo = ', '.join(f'{k} {v}' for k, v in kern.get('float', {}).items())
             kcell = (ints or 'none') + (f'; float: {flo}' if flo else '') if kern else ''
+            if 'vs_onnxruntime_max_rel' in r:
+                kcell += f' (max rel. diff to onnxruntime {r["vs_onnxruntime_max_rel"]:.1e})'
             out.append(f'| {r["runtime"]} | {r["kind"]} | ' + ' | '.join(cells)
                        + f' | {r["file_mb"] if r["file_mb"] is not None else "-"} | {kcell} |')
         out.append('')
@@ -208,6 +247,9 @@ def main(argv=None):
     p.add_argument('--batch', type=int, nargs='+', default=[1, 8])
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--openvino', action='store_true',
+                   help='also run every graph in OpenVINO (pip install openvino==2026.4.1; '
+                        'not a dependency of mmvq)')
     p.add_argument('--ort-static', action='store_true',
                    help="also time onnxruntime's own static int8 quantization of the FP32 graph")
     p.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs', 'deploy'))
