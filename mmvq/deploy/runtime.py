@@ -78,7 +78,7 @@ def run_session(session, *inputs):
     feeds = {i.name: t.detach().cpu().contiguous().numpy()
              for i, t in zip(session.get_inputs(), inputs)}
     device = inputs[0].device
-    return tuple(torch.from_numpy(o).to(device) for o in session.run(None, feeds))
+    return tuple(torch.as_tensor(o, device=device) for o in session.run(None, feeds))
 
 
 def graph_forward(model):
