@@ -271,18 +271,15 @@ def export_onnx(model, inputs, path, forward_fn=None, input_names=('input', ),
     try:
         with torch.no_grad(), export_mode(model, calls) as forms, warnings.catch_warnings():
             warnings.simplefilter('ignore')          # the exporter's tracer and deprecation notes
-            out = traced(*inputs)
-            n_out = len(out) if isinstance(out, tuple) else 1
-            names = list(output_names or (['output'] if n_out == 1 else
-                                          [f'output_{i}' for i in range(n_out)]))
-            for recorded in calls.values():
-                recorded.clear()                     # keep the exporter's own trace only
             torch.onnx.export(traced, inputs, buf, dynamo=False, opset_version=opset,
-                              input_names=list(input_names), output_names=names,
+                              input_names=list(input_names),
+                              output_names=list(output_names) if output_names else None,
                               do_constant_folding=True)
     finally:
         model.train(was_training)
     proto = constants_to_initializers(onnx.load_from_string(buf.getvalue()))
+    if not output_names:
+        _name_outputs(proto)
     name_quantizer_nodes(proto, calls)
     if check:
         onnx.checker.check_model(proto, full_check=True)
@@ -296,6 +293,22 @@ def export_onnx(model, inputs, path, forward_fn=None, input_names=('input', ),
     os.replace(tmp, path)
     report['file_bytes'] = osp.getsize(path)
     return report
+
+
+def _name_outputs(proto):
+    """Graph outputs ``output`` (one) or ``output_<i>`` (several), renamed where
+    they are produced (the exporter numbers them)."""
+    outs = proto.graph.output
+    new = {o.name: ('output' if len(outs) == 1 else f'output_{i}') for i, o in enumerate(outs)}
+    for node in proto.graph.node:
+        for i, name in enumerate(node.output):
+            if name in new:
+                node.output[i] = new[name]
+        for i, name in enumerate(node.input):
+            if name in new:
+                node.input[i] = new[name]
+    for o in outs:
+        o.name = new[o.name]
 
 
 def constants_to_initializers(proto):
