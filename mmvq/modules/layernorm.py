@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..quantizers import fused as _fused
 from ..quantizers.base import host_value
 from ..quantizers.exact import chunk_elems
 from ..quantizers.ptf import PTFQuantizer, int_layer_norm
@@ -61,6 +62,9 @@ class QuantLayerNorm(QuantModuleMixin):
         if self._int_path_active():
             iq, oq = self.input_quantizer, self.output_quantizer
             zero_w = self._has_zero_weight()
+            if (_fused.use_fused(iq, x) and self.weight.dtype == torch.float32
+                    and iq.scale.dtype == torch.float32 and oq.scale.dtype == torch.float32):
+                return _fused.int_layer_norm(x, iq, oq, self.weight, self.bias, zero_w)
             c = x.shape[-1]
             rows = x.reshape(-1, c)
             out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)

@@ -1,8 +1,9 @@
 """Quantized softmax: logits quantizer + float softmax or Log-Int-Softmax."""
 import torch.nn as nn
 
+from ..quantizers import fused as _fused
 from ..quantizers.base import host_value
-from ..quantizers.lis import LogIntSoftmax
+from ..quantizers.lis import LogIntSoftmax, lis_fused
 from ..registry import QUANT_WRAPPERS
 from .base import QuantModuleMixin
 
@@ -37,6 +38,10 @@ class QuantSoftmax(QuantModuleMixin):
         if self.lis_active():
             if self.input_quantizer.scale.numel() != 1:
                 raise ValueError('LIS needs a per-tensor logits quantizer (role attn_logits)')
+            if _fused.use_fused(self.lis_quantizer, x):
+                y = lis_fused(self.lis_quantizer, self.input_quantizer, x, mask)
+                if y is not None:
+                    return y
             xq = self.input_quantizer(x)
             return self.lis_quantizer.softmax(xq, self.input_quantizer.scale, mask)
         x = self.input_quantizer(x)

@@ -29,6 +29,7 @@ refines these parameters; the quantizer only exposes
 import torch
 
 from ..registry import QUANTIZERS
+from . import fused as _fused
 from .base import BaseQuantizer, host_value
 from .observers import SampleStore
 
@@ -124,7 +125,33 @@ class AdaLogQuantizer(BaseQuantizer):
         # one gather from the 2^b-entry table (same products as per element)
         return self.lut()[codes.long()].masked_fill(zero, 0.0)
 
+    def fused_tables(self):
+        """For the fused kernel: ``[inf, 2^(-(j + 1/2) q / r) for j < 2^b, -inf]``
+        (thresholds rounded down to float32) and :meth:`lut` extended by
+        exact zeros (at least 17 entries); cached until a buffer they derive
+        from changes (no host read)."""
+        key = tuple((id(b), b._version) for b in (self.q, self.scale, self.table1, self.table2))
+        hit = self.__dict__.get('_mmvq_fused_tables')
+        if hit is None or hit[0] != key:
+            levels = 2 ** self.bits
+            j = torch.arange(levels, dtype=torch.float64, device=self.q.device)
+            thr = torch.exp2(-(j + 0.5) * self.q.double() / self.r)
+            # rounded down to float32: for a float32 t, t <= thr32 iff t <= thr
+            thr32 = thr.float()
+            thr32 = torch.where(thr32.double() > thr, torch.nextafter(
+                thr32, torch.full_like(thr32, float('-inf'))), thr32)
+            inf = thr32.new_full((1, ), float('inf'))
+            thr32 = torch.cat([inf, thr32, -inf]).contiguous()
+            lut = self.lut()
+            hit = (key, thr32, torch.cat([lut, lut.new_zeros(max(1, 17 - levels))]).float().contiguous())
+            self.__dict__['_mmvq_fused_tables'] = hit
+        return hit[1], hit[2]
+
     def fake_quant(self, x):
+        if _fused.use_fused(self, x):
+            thr, lut = self.fused_tables()
+            return _fused.adalog(x, self.scale, self.shift, thr, 2 ** self.bits, lut,
+                                 self.shifted and not self.is_folded())
         # quantize + dequantize fused: the codes of adalog_codes, then one
         # gather from the table extended by an exact 0 at index 2^b, which is
         # where every code >= 2^b (too small for the grid) lands after the clamp
@@ -144,6 +171,7 @@ class AdaLogQuantizer(BaseQuantizer):
     def prime(self):
         super().prime()
         self.is_folded()
+        self.fused_tables()
 
     def fake_quant_candidates(self, x, q, scale):
         """Fake-quantize ``x`` for many (q, scale) at once (search helper).

@@ -77,6 +77,9 @@ class BaseQuantizer(nn.Module):
     """
 
     kind = 'base'
+    # run the fused CPU kernel where one applies (mmvq.quantizers.fused);
+    # set per model from the quantization block's ``fused`` key by convert()
+    fused = True
 
     def __init__(self, bits=8, enabled=True):
         super().__init__()

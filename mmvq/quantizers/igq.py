@@ -36,6 +36,7 @@ What we decided:
 import torch
 
 from ..registry import QUANTIZERS
+from . import fused as _fused
 from .base import BaseQuantizer
 from .observers import SampleStore
 from .uniform import affine_params, fake_quant_affine, qrange
@@ -171,6 +172,8 @@ class IGQQuantizer(BaseQuantizer):
         return d.argmin(dim=-1)
 
     def fake_quant(self, x):
+        if x.dim() >= 2 and _fused.use_fused(self, x) and self.centres.dtype == torch.float32:
+            return _fused.igq(x, self, rows=self.unit == 'row' or x.dim() == 4)
         view, mins, maxs, restore = unit_ranges(x, self.unit)
         g = self.assign(mins, maxs)                                   # (I, U)
         s = self.scale[g].to(x.dtype)

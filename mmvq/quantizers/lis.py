@@ -35,6 +35,7 @@ import math
 import torch
 
 from ..registry import QUANTIZERS
+from . import fused as _fused
 from .base import BaseQuantizer, check_bits
 from .base import host_value
 from .exact import chunk_elems as default_chunk
@@ -265,6 +266,42 @@ def lis_attn_v_shift(codes, zero, v_int, bits=4):
     terms = v_int.unsqueeze(-3) << shift.unsqueeze(-1)           # (..., N, M, D)
     terms = terms.masked_fill(zero.unsqueeze(-1), 0)
     return terms.sum(dim=-2), k_max
+
+
+def lis_fused(lis, iq, logits, mask=None):
+    """The logits' fake quantization (uniform per-tensor ``iq``) and LIS in
+    one fused pass per row (:func:`mmvq.quantizers.fused.lis_softmax`), bit
+    for bit ``lis.softmax(iq(logits), iq.scale, mask)``; ``None`` where the
+    float64 representation would not be exact (the caller runs the eager
+    int64 path) or the tensors do not fit the kernel."""
+    scale = host_value(lis, 'logit_scale', iq.scale, float)
+    n_row = logits.shape[-1]
+    if (iq.scale.dtype != torch.float32 or iq.zero_point.dtype != torch.float32
+            or not float64_exact(scale, lis.n, n_row)
+            or (mask is not None and (mask.dim() > logits.dim() or mask.device != logits.device))):
+        return None
+    a, b, c = POLY
+    consts = (math.floor(-LN2 / scale), math.floor(b / a / scale), math.floor(c / a / scale ** 2))
+    levels = 2 ** lis.bits
+    table = lis.__dict__.get('_mmvq_table')
+    if table is None or table.device != logits.device:
+        table = torch.pow(2.0, -torch.arange(levels + 1, dtype=torch.float32, device=logits.device))
+        table[-1] = 0.0
+        lis.__dict__['_mmvq_table'] = table
+    offsets = None
+    if mask is not None:
+        m = mask.float()
+        if m.shape[-1] != n_row or m.stride(-1) != 1:
+            m = m.expand(logits.shape).contiguous()
+        key = (tuple(logits.shape), tuple(m.shape), tuple(m.stride()))
+        cache = lis.__dict__.setdefault('_mmvq_mask_offsets', {})
+        offsets = cache.get(key)
+        if offsets is None:
+            if len(cache) > 32:
+                cache.clear()
+            offsets = cache[key] = _fused.mask_offsets(m, logits.shape)
+        mask = m
+    return _fused.lis_softmax(logits, iq, scale, lis.bits, lis.n, consts, table, mask, offsets)
 
 
 @QUANTIZERS.register_module()

@@ -32,6 +32,7 @@ dropped; everything applied elementwise to activations is integer.
 import torch
 
 from ..registry import QUANTIZERS
+from . import fused as _fused
 from .base import BaseQuantizer
 from .observers import MinMaxObserver, SampleStore
 from .uniform import fake_quant_affine
@@ -104,7 +105,12 @@ class PTFQuantizer(BaseQuantizer):
         return (q - self.zero_point) * self.channel_scale()
 
     def fake_quant(self, x):
-        return fake_quant_affine(x, self.channel_scale(), self.zero_point, self.qmin, self.qmax)
+        cs = self.channel_scale()
+        if _fused.use_fused(self, x):
+            y = _fused.fake_quant_affine(x, cs, self.zero_point, self.qmin, self.qmax)
+            if y is not None:
+                return y
+        return fake_quant_affine(x, cs, self.zero_point, self.qmin, self.qmax)
 
     def summary(self):
         hist = torch.bincount(self.alpha.reshape(-1), minlength=self.max_factor + 1).tolist()

@@ -27,6 +27,7 @@ attention operands (AdaLog's ``head_channel_wise``).
 import torch
 
 from ..registry import QUANTIZERS
+from . import fused as _fused
 from .base import BaseQuantizer
 from .observers import MinMaxObserver, PercentileObserver, SampleStore, move_channel_first
 
@@ -192,8 +193,12 @@ class UniformQuantizer(BaseQuantizer):
         return self.quantize(x).to(dtype)
 
     def fake_quant(self, x):
-        return fake_quant_affine(x, self._view(self.scale, x), self._view(self.zero_point, x),
-                                 self.qmin, self.qmax)
+        s, z = self._view(self.scale, x), self._view(self.zero_point, x)
+        if _fused.use_fused(self, x):
+            y = _fused.fake_quant_affine(x, s, z, self.qmin, self.qmax)
+            if y is not None:
+                return y
+        return fake_quant_affine(x, s, z, self.qmin, self.qmax)
 
     def summary(self):
         gran = self.granularity if self.granularity != 'channel' else f'channel(axis={self.ch_axis})'

@@ -1,0 +1,324 @@
+/* mmvq fused fake-quantization kernels for the CPU: one pass over the data
+ * per quantizer instead of one pass per element-wise operation.
+ *
+ * Built at first use by mmvq/quantizers/fused.py (gcc/cc, -O3, OpenMP) and
+ * called through ctypes with the data pointers of contiguous float32
+ * tensors. Every kernel repeats, operation by operation and in the same
+ * IEEE order, the eager PyTorch code it replaces (named above each one), so
+ * the results are bit for bit the eager ones; the one exception is AdaLog,
+ * whose code is taken from exact thresholds instead of a float32 log2
+ * (see mmvq_adalog). Compiled with -ffp-contract=off: no multiply-add is
+ * fused, so no product is rounded differently from the eager path.
+ * Parameters are read through pointers (no host copy on the Python side).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+static inline double bits_f64(int64_t b) { double d; memcpy(&d, &b, 8); return d; }
+static inline int64_t f64_bits(double d) { int64_t b; memcpy(&b, &d, 8); return b; }
+static inline float clampf(float q, float lo, float hi) {
+    q = q < lo ? lo : q;              /* clamp_min_ then clamp_max_; NaN passes */
+    return q > hi ? hi : q;
+}
+
+/* Uniform affine fake quantization (uniform.py fake_quant_affine):
+ * y = clamp(rint(x / s), qmin - z, qmax - z) * s, float32 throughout.
+ * x: up to 4-D (d0, d1, d2, L), last axis contiguous, element strides
+ * xs0..xs2; y contiguous. s and z are indexed by element strides (0 where
+ * broadcast): ss0..ss3 and zs0..zs3. */
+void mmvq_fq(const float *x, float *y, int64_t d0, int64_t d1, int64_t d2, int64_t L,
+             int64_t xs0, int64_t xs1, int64_t xs2, const float *s, const float *z,
+             int64_t ss0, int64_t ss1, int64_t ss2, int64_t ss3,
+             int64_t zs0, int64_t zs1, int64_t zs2, int64_t zs3,
+             float qmin, float qmax, int threads)
+{
+    int64_t rows = d0 * d1 * d2;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t i2 = r % d2, t = r / d2, i1 = t % d1, i0 = t / d1;
+        const float *xr = x + i0 * xs0 + i1 * xs1 + i2 * xs2;
+        float *yr = y + r * L;
+        const float *sr = s + i0 * ss0 + i1 * ss1 + i2 * ss2;
+        const float *zr = z + i0 * zs0 + i1 * zs1 + i2 * zs2;
+        if (ss3 == 0 && zs3 == 0) {
+            const float sc = sr[0], lo = qmin - zr[0], hi = qmax - zr[0];
+            for (int64_t j = 0; j < L; j++)
+                yr[j] = clampf(rintf(xr[j] / sc), lo, hi) * sc;
+        } else if (zs3 == 0) {
+            const float lo = qmin - zr[0], hi = qmax - zr[0];
+            for (int64_t j = 0; j < L; j++)
+                yr[j] = clampf(rintf(xr[j] / sr[j * ss3]), lo, hi) * sr[j * ss3];
+        } else {
+            for (int64_t j = 0; j < L; j++) {
+                const float sc = sr[j * ss3], zz = zr[j * zs3];
+                yr[j] = clampf(rintf(xr[j] / sc), qmin - zz, qmax - zz) * sc;
+            }
+        }
+    }
+}
+
+/* FQ-ViT integer LayerNorm on PTF codes (ptf.py int_layer_norm, with the
+ * PTF codes of PTFQuantizer.quantize): rows of C contiguous float32. */
+void mmvq_int_ln(const float *x, float *y, int64_t R, int64_t C,
+                 const float *in_scale, const float *in_zp, const int64_t *alpha, float in_qmax,
+                 const float *weight, const float *bias, const float *out_scale,
+                 const float *out_zp, double out_qmin, double out_qmax, int zero_weight,
+                 int m_bits, int threads)
+{
+    const double s = (double)in_scale[0], s_out = (double)out_scale[0];
+    const double zp = (double)in_zp[0], zpo = (double)out_zp[0];
+    const float zpf = in_zp[0];
+    const double lo = out_qmin - zpo, hi = out_qmax - zpo;
+    const double mmax = (double)((1 << m_bits) - 1);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        double *xi = malloc(sizeof(double) * C * 2);
+        double *pa = xi + C;
+        float *cs = malloc(sizeof(float) * C);
+        for (int64_t c = 0; c < C; c++) {
+            pa[c] = bits_f64((alpha[c] + 1023) << 52);            /* 2^alpha */
+            cs[c] = in_scale[0] * (float)pa[c];                   /* channel_scale() */
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            const float *xr = x + r * C;
+            float *yr = y + r * C;
+            double sum1 = 0.0, sum2 = 0.0;
+            /* the sums are of integers below 2^53: exact in any order */
+#pragma omp simd reduction(+ : sum1, sum2)
+            for (int64_t c = 0; c < C; c++) {
+                float q = rintf(xr[c] / cs[c]) + zpf;
+                q = clampf(q, 0.0f, in_qmax);
+                double v = ((double)q - zp) * pa[c];
+                xi[c] = v;
+                sum1 += v;                  /* exact: integers below 2^53 */
+                sum2 += v * v;
+            }
+            double root = sqrt((double)C * sum2 - sum1 * sum1);
+            if (!(root >= 1e-12)) root = root != root ? root : 1e-12;
+            const double std = (s / (double)C) * root;
+            const double mean = sum1 / (double)C * s;
+            const double s_std = s / std, m_std = mean / std;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                const double w = (double)weight[c];
+                const double a = s_std * (w / s_out);
+                int64_t pe = -((f64_bits(a) >> 52) & 0x7FF) + (m_bits + 2045);
+                pe = pe < 1023 ? 1023 : (pe > 1023 + 31 ? 1023 + 31 : pe);
+                if (zero_weight && a == 0.0) pe = m_bits + 1023;
+                const double p = bits_f64(pe << 52);
+                double m = trunc(a * p);
+                m = m < -mmax ? -mmax : (m > mmax ? mmax : m);
+                double b = m_std * w;
+                b = rint(((double)bias[c] - b) / s_out * p);
+                const double p_inv = bits_f64((2046 - pe) << 52);
+                double v = floor((m * xi[c] + b) * p_inv + 0.5);
+                v = v < lo ? lo : v;
+                v = v > hi ? hi : v;
+                yr[c] = (float)(v * s_out);
+            }
+        }
+        free(xi);
+        free(cs);
+    }
+}
+
+/* FQ-ViT Log-Int-Softmax (lis.py lis_softmax, float64 path, after the
+ * logits' uniform fake quantization): rows of N contiguous float32 logits;
+ * mask_off[r] is the offset of row r's additive mask (contiguous) or NULL.
+ * table holds 2^-k for k = 0..levels-1 and 0 at index levels. */
+void mmvq_lis(const float *x, float *y, int64_t R, int64_t N, const float *ls, const float *lz,
+              float qmin, float qmax, double scale, const float *mask, const int64_t *mask_off,
+              double x0, double b_int, double c_int, int n, int bits, const float *table,
+              int threads)
+{
+    const int64_t levels = (int64_t)1 << bits;
+    const float s = ls[0], lo = qmin - lz[0], hi = qmax - lz[0];
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        double *e = malloc(sizeof(double) * N);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            const float *xr = x + r * N;
+            const float *mr = mask ? mask + mask_off[r] : NULL;
+            double mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+            for (int64_t j = 0; j < N; j++) {
+                const float xq = clampf(rintf(xr[j] / s), lo, hi) * s;
+                double v = rint((double)xq / scale);
+                if (mr) v = v + rint((double)mr[j] / scale);
+                e[j] = v;
+                mx = v > mx ? v : mx;
+            }
+            double total = 0.0;
+            /* a sum of integers below 2^53 (checked by the caller): exact in any order */
+#pragma omp simd reduction(+ : total)
+            for (int64_t j = 0; j < N; j++) {
+                double v = e[j] - mx;
+                v = v < n * x0 ? n * x0 : v;
+                const double q = floor(v / x0);
+                const double rr = v + (-x0) * q;
+                const double zz = (rr + b_int) * rr + c_int;
+                const double ex = zz * bits_f64(((int64_t)(n + 1023) - (int64_t)q) << 52);
+                e[j] = ex;
+                total += ex;                /* exact below 2^53 (checked by the caller) */
+            }
+            float *yr = y + r * N;
+#pragma omp simd
+            for (int64_t j = 0; j < N; j++) {
+                double v = floor((e[j] + total * 2.0) / e[j] * 0.5);
+                if (levels > 40 && v > 1099511627775.0) v = 1099511627775.0;
+                int64_t k = (f64_bits(v / 1.5) >> 52) - 1022;
+                k = k < 0 ? 0 : (k > levels ? levels : k);
+                yr[j] = table[k];
+            }
+        }
+        free(e);
+    }
+}
+
+/* AdaLog fake quantization (adalog.py AdaLogQuantizer.fake_quant).
+ * t = clamp((x + shift) / s, 1e-15, 1) as the eager path (float32). The code
+ * round(-log2(t) r / q) is the number of thresholds 2^(-(j + 1/2) q / r),
+ * j = 0..levels-1, that t does not exceed: the rounding of the exact
+ * logarithm, where the eager path rounds a float32 log2 (the two differ
+ * only within float32 rounding of a half-integer). thr[1..levels] holds the
+ * thresholds rounded down to float32, so that for a float32 t the test
+ * t <= thr is the exact comparison. y = lut[code] (lut[levels] = 0; lut
+ * has at least 17 entries, zero-padded), minus the shift when unshift is
+ * set. With AVX2 and levels <= 16 the table lookup is two in-register
+ * permutes (no gather instruction: gathers are slow on current microcode). */
+static inline float adalog_one(float xv, float sh, float sc, const float *thr, int levels,
+                               const float *lut, float unsh)
+{
+    float t = (xv + sh) / sc;
+    t = t < 1e-15f ? 1e-15f : t;
+    t = t > 1.0f ? 1.0f : t;
+    int k = 0;
+    for (int j = 1; j <= levels; j++) k += t <= thr[j];
+    return lut[k] - unsh;
+}
+
+void mmvq_adalog(const float *x, float *y, int64_t n, const float *scale, const float *shift,
+                 const float *thr, int levels, const float *lut, int unshift, int threads)
+{
+    const float sc = scale[0], sh = shift[0], unsh = unshift ? sh : 0.0f;
+    const int64_t block = 4096, nblocks = (n + block - 1) / block;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t bi = 0; bi < nblocks; bi++) {
+        const int64_t st = bi * block, end = st + block < n ? st + block : n;
+        int64_t i = st;
+#if defined(__AVX2__)
+        if (levels <= 16) {
+            const __m256 shv = _mm256_set1_ps(sh), scv = _mm256_set1_ps(sc);
+            const __m256 lov = _mm256_set1_ps(1e-15f), onev = _mm256_set1_ps(1.0f);
+            const __m256 unv = _mm256_set1_ps(unsh);
+            const __m256 lut0 = _mm256_loadu_ps(lut), lut1 = _mm256_loadu_ps(lut + 8);
+            const __m256 lut16 = _mm256_set1_ps(lut[16]);
+            const __m256i seven = _mm256_set1_epi32(7), fifteen = _mm256_set1_epi32(15);
+            __m256 th[16];
+            for (int j = 0; j < levels; j++) th[j] = _mm256_set1_ps(thr[j + 1]);
+            for (; i + 8 <= end; i += 8) {
+                __m256 t = _mm256_div_ps(_mm256_add_ps(_mm256_loadu_ps(x + i), shv), scv);
+                t = _mm256_min_ps(_mm256_max_ps(t, lov), onev);
+                __m256i k = _mm256_setzero_si256();
+                for (int j = 0; j < levels; j++)
+                    k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps(t, th[j], _CMP_LE_OQ)));
+                __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut0, k),
+                                            _mm256_permutevar8x32_ps(lut1, k),
+                                            _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, seven)));
+                v = _mm256_blendv_ps(v, lut16, _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, fifteen)));
+                _mm256_storeu_ps(y + i, _mm256_sub_ps(v, unv));
+            }
+        }
+#endif
+        for (; i < end; i++) y[i] = adalog_one(x[i], sh, sc, thr, levels, lut, unsh);
+    }
+}
+
+static inline int64_t igq_group(float mn, float mx, const float *centres, int64_t G)
+{
+    int64_t best = 0;
+    float bd = 0.0f;
+    for (int64_t g = 0; g < G; g++) {
+        const float a = mn - centres[2 * g], b = mx - centres[2 * g + 1];
+        const float d = a * a + b * b;
+        if (g == 0 || d < bd || (d != d && bd == bd)) { bd = d; best = g; }
+    }
+    return best;
+}
+
+/* IGQ-ViT, units = rows (igq.py IGQQuantizer.fake_quant, unit 'row' or a
+ * 4-D conv input): each row of M is one unit: its (min, max), the nearest
+ * group centre, that group's uniform fake quantization. */
+void mmvq_igq_rows(const float *x, float *y, int64_t R, int64_t M, const float *centres,
+                   const float *scale, const float *zp, int64_t G, float qmin, float qmax,
+                   int threads)
+{
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t r = 0; r < R; r++) {
+        const float *xr = x + r * M;
+        float mn = xr[0], mx = xr[0];
+        for (int64_t j = 1; j < M; j++) {
+            mn = xr[j] < mn ? xr[j] : mn;
+            mx = xr[j] > mx ? xr[j] : mx;
+        }
+        const int64_t g = igq_group(mn, mx, centres, G);
+        const float sc = scale[g], lo = qmin - zp[g], hi = qmax - zp[g];
+        float *yr = y + r * M;
+        for (int64_t j = 0; j < M; j++) yr[j] = clampf(rintf(xr[j] / sc), lo, hi) * sc;
+    }
+}
+
+/* IGQ-ViT, units = channels of (B, T, C) (channels last): per instance b
+ * the (min, max) of every channel over its T tokens, the nearest group, and
+ * the per-channel fake quantization. */
+void mmvq_igq_channels(const float *x, float *y, int64_t B, int64_t T, int64_t C,
+                       const float *centres, const float *scale, const float *zp, int64_t G,
+                       float qmin, float qmax, int threads)
+{
+    float *mins = malloc(sizeof(float) * B * C * 4);
+    float *maxs = mins + B * C;
+    float *ps = maxs + B * C;                     /* per (b, c): scale, then clamp bounds */
+    float *pz = ps + B * C;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        /* ranges: channel blocks of 64 across instances, so that one image
+         * still spreads over every thread */
+        const int64_t cb = 64, ncb = (C + cb - 1) / cb;
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < B * ncb; u++) {
+            const int64_t b = u / ncb, c0 = (u % ncb) * cb;
+            const int64_t c1 = c0 + cb < C ? c0 + cb : C;
+            float *mn = mins + b * C, *mx = maxs + b * C;
+            const float *xb = x + b * T * C;
+            for (int64_t c = c0; c < c1; c++) { mn[c] = xb[c]; mx[c] = xb[c]; }
+            for (int64_t t = 1; t < T; t++) {
+                const float *xr = xb + t * C;
+                for (int64_t c = c0; c < c1; c++) {
+                    mn[c] = xr[c] < mn[c] ? xr[c] : mn[c];
+                    mx[c] = xr[c] > mx[c] ? xr[c] : mx[c];
+                }
+            }
+            for (int64_t c = c0; c < c1; c++) {
+                const int64_t g = igq_group(mn[c], mx[c], centres, G);
+                ps[b * C + c] = scale[g];
+                pz[b * C + c] = zp[g];
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < B * T; r++) {
+            const int64_t b = r / T;
+            const float *xr = x + r * C, *sr = ps + b * C, *zr = pz + b * C;
+            float *yr = y + r * C;
+            for (int64_t c = 0; c < C; c++)
+                yr[c] = clampf(rintf(xr[c] / sr[c]), qmin - zr[c], qmax - zr[c]) * sr[c];
+        }
+    }
+    free(mins);
+}
