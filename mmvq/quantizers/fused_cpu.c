@@ -77,12 +77,14 @@ void mmvq_int_ln(const float *x, float *y, int64_t R, int64_t C,
     const double mmax = (double)((1 << m_bits) - 1);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        double *xi = malloc(sizeof(double) * C * 2);
-        double *pa = xi + C;
+        double *xi = malloc(sizeof(double) * C * 4);
+        double *pa = xi + C, *wd = xi + 2 * C, *ws = xi + 3 * C;
         float *cs = malloc(sizeof(float) * C);
         for (int64_t c = 0; c < C; c++) {
             pa[c] = bits_f64((alpha[c] + 1023) << 52);            /* 2^alpha */
             cs[c] = in_scale[0] * (float)pa[c];                   /* channel_scale() */
+            wd[c] = (double)weight[c];
+            ws[c] = wd[c] / s_out;                                /* w / s_out */
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++) {
@@ -106,8 +108,8 @@ void mmvq_int_ln(const float *x, float *y, int64_t R, int64_t C,
             const double s_std = s / std, m_std = mean / std;
 #pragma omp simd
             for (int64_t c = 0; c < C; c++) {
-                const double w = (double)weight[c];
-                const double a = s_std * (w / s_out);
+                const double w = wd[c];
+                const double a = s_std * ws[c];
                 int64_t pe = -((f64_bits(a) >> 52) & 0x7FF) + (m_bits + 2045);
                 pe = pe < 1023 ? 1023 : (pe > 1023 + 31 ? 1023 + 31 : pe);
                 if (zero_weight && a == 0.0) pe = m_bits + 1023;
@@ -131,7 +133,17 @@ void mmvq_int_ln(const float *x, float *y, int64_t R, int64_t C,
 /* FQ-ViT Log-Int-Softmax (lis.py lis_softmax, float64 path, after the
  * logits' uniform fake quantization): rows of N contiguous float32 logits;
  * mask_off[r] is the offset of row r's additive mask (contiguous) or NULL.
- * table holds 2^-k for k = 0..levels-1 and 0 at index levels. */
+ * table holds 2^-k for k = 0..levels-1 and 0 at index levels.
+ *
+ * Equal to the eager float64 path with three divisions fewer per element:
+ * - round(xq / s) of the fake-quantized logit xq = fl32(c s) is its code c
+ *   itself (|c| <= 255, so xq / s is within 2^-16 of c);
+ * - floor(v / x0) (integers, x0 < 0) is floor(v * (1 / x0)) corrected by
+ *   one step where the remainder v - q x0 leaves (x0, 0];
+ * - the biased exponent of v / 1.5 minus 1022 is, for v >= 1, the biased
+ *   exponent of v minus 1023 plus its first fraction bit (v >= 1.5 2^E);
+ *   inf (e = 0) gives a code beyond every level, as in the eager path.
+ * 2^-k for k < levels <= 64 is built from its float32 bits. */
 void mmvq_lis(const float *x, float *y, int64_t R, int64_t N, const float *ls, const float *lz,
               float qmin, float qmax, double scale, const float *mask, const int64_t *mask_off,
               double x0, double b_int, double c_int, int n, int bits, const float *table,
@@ -139,6 +151,7 @@ void mmvq_lis(const float *x, float *y, int64_t R, int64_t N, const float *ls, c
 {
     const int64_t levels = (int64_t)1 << bits;
     const float s = ls[0], lo = qmin - lz[0], hi = qmax - lz[0];
+    const double inv_x0 = 1.0 / x0, lim = n * x0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         double *e = malloc(sizeof(double) * N);
@@ -147,35 +160,60 @@ void mmvq_lis(const float *x, float *y, int64_t R, int64_t N, const float *ls, c
             const float *xr = x + r * N;
             const float *mr = mask ? mask + mask_off[r] : NULL;
             double mx = -INFINITY;
+            if (mr) {
 #pragma omp simd reduction(max : mx)
-            for (int64_t j = 0; j < N; j++) {
-                const float xq = clampf(rintf(xr[j] / s), lo, hi) * s;
-                double v = rint((double)xq / scale);
-                if (mr) v = v + rint((double)mr[j] / scale);
-                e[j] = v;
-                mx = v > mx ? v : mx;
+                for (int64_t j = 0; j < N; j++) {
+                    const double v = (double)clampf(rintf(xr[j] / s), lo, hi)
+                                     + rint((double)mr[j] / scale);
+                    e[j] = v;
+                    mx = v > mx ? v : mx;
+                }
+            } else {
+#pragma omp simd reduction(max : mx)
+                for (int64_t j = 0; j < N; j++) {
+                    const double v = (double)clampf(rintf(xr[j] / s), lo, hi);
+                    e[j] = v;
+                    mx = v > mx ? v : mx;
+                }
             }
             double total = 0.0;
             /* a sum of integers below 2^53 (checked by the caller): exact in any order */
 #pragma omp simd reduction(+ : total)
             for (int64_t j = 0; j < N; j++) {
                 double v = e[j] - mx;
-                v = v < n * x0 ? n * x0 : v;
-                const double q = floor(v / x0);
-                const double rr = v + (-x0) * q;
+                v = v < lim ? lim : v;
+                double q = floor(v * inv_x0);
+                double rr = v + (-x0) * q;
+                q = rr > 0.0 ? q - 1.0 : (rr <= x0 ? q + 1.0 : q);
+                rr = v + (-x0) * q;
                 const double zz = (rr + b_int) * rr + c_int;
                 const double ex = zz * bits_f64(((int64_t)(n + 1023) - (int64_t)q) << 52);
                 e[j] = ex;
-                total += ex;                /* exact below 2^53 (checked by the caller) */
+                total += ex;
             }
             float *yr = y + r * N;
+            if (levels <= 64) {
 #pragma omp simd
-            for (int64_t j = 0; j < N; j++) {
-                double v = floor((e[j] + total * 2.0) / e[j] * 0.5);
-                if (levels > 40 && v > 1099511627775.0) v = 1099511627775.0;
-                int64_t k = (f64_bits(v / 1.5) >> 52) - 1022;
-                k = k < 0 ? 0 : (k > levels ? levels : k);
-                yr[j] = table[k];
+                for (int64_t j = 0; j < N; j++) {
+                    double v = floor((e[j] + total * 2.0) / e[j] * 0.5);
+                    if (levels > 40) v = v > 1099511627775.0 ? 1099511627775.0 : v;
+                    const int64_t vb = f64_bits(v);
+                    int64_t k = ((vb >> 52) & 0x7FF) - 1023 + ((vb >> 51) & 1);
+                    k = k > levels ? levels : k;
+                    const int32_t fb = (int32_t)(127 - k) << 23;
+                    float f;
+                    memcpy(&f, &fb, 4);
+                    yr[j] = k >= levels ? 0.0f : f;
+                }
+            } else {
+                for (int64_t j = 0; j < N; j++) {
+                    double v = floor((e[j] + total * 2.0) / e[j] * 0.5);
+                    if (v > 1099511627775.0) v = 1099511627775.0;
+                    const int64_t vb = f64_bits(v);
+                    int64_t k = ((vb >> 52) & 0x7FF) - 1023 + ((vb >> 51) & 1);
+                    k = k < 0 ? 0 : (k > levels ? levels : k);
+                    yr[j] = table[k];
+                }
             }
         }
         free(e);
