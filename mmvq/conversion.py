@@ -171,7 +171,12 @@ def convert(model, qcfg):
             kwargs['integer'] = integer_ln and inp is not None \
                 and QUANTIZERS.get(inp['type']) is QUANTIZERS.get('PTFQuantizer')
         module.quant_setup(slot_cfgs, **kwargs)
+    fused = qcfg.get('fused', True)
+    if not isinstance(fused, bool):
+        raise ValueError(f'quant.fused={fused!r}: use True (fused CPU kernels where they apply) '
+                         'or False (eager PyTorch code)')
     for name, q in iter_quantizers(model):
         q.site_name = name
+        q.fused = fused
     model._mmvq_qcfg = qcfg
     return model

@@ -14,11 +14,12 @@ One place for what a ``quant = dict(...)`` block may say, used alike by
         searches=[dict(type='fpcs', ...)],   # mmvq.SEARCHES
         calib=dict(split='train', seed=0, images=None,      # CALIB_KEYS
                    store_device='cpu', store_mb=64),
+        fused=True,                      # fused CPU kernels (mmvq.quantizers.fused)
     )
 """
 
 QCFG_KEYS = ('name', 'scope', 'integer_layernorm', 'residual_stream', 'roles', 'overrides',
-             'searches', 'calib')
+             'searches', 'calib', 'fused')
 CALIB_KEYS = ('images', 'split', 'seed', 'store_device', 'store_mb')
 SCOPES = ('auto', 'backbone', 'model', 'detector')
 

@@ -164,6 +164,17 @@ def reset():
     _STATE.update(lib=None, tried=False, info=None)
 
 
+def fused_record(quantizers):
+    """The ``results.json`` record: how many of ``quantizers`` may run fused,
+    whether the environment turned it off, and the kernel build (path,
+    whether it was cached, compile seconds) or why it failed."""
+    qs = [q for q in quantizers if q.enabled]
+    on = sum(1 for q in qs if getattr(q, 'fused', False))
+    return dict(enabled=bool(on) and enabled_by_env(), quantizers=len(qs), fused_quantizers=on,
+                env_off=not enabled_by_env(), kernels=build_info(),
+                scope='CPU float32 tensors; other devices run the eager code')
+
+
 def enabled_by_env():
     return os.environ.get('MMVQ_FUSED', '1').strip().lower() not in ('0', 'false', 'no', 'off')
 

@@ -315,47 +315,65 @@ void mmvq_igq_rows(const float *x, float *y, int64_t R, int64_t M, const float *
 
 /* IGQ-ViT, units = channels of (B, T, C) (channels last): per instance b
  * the (min, max) of every channel over its T tokens, the nearest group, and
- * the per-channel fake quantization. */
+ * the per-channel fake quantization. With several instances per thread each
+ * instance is done whole while it is in cache; otherwise (one image) the
+ * ranges are split over channel blocks and the quantization over rows. */
+static void igq_ranges(const float *xb, int64_t T, int64_t C, int64_t c0, int64_t c1,
+                       float *mn, float *mx, float *ps, float *pz, const float *centres,
+                       const float *scale, const float *zp, int64_t G)
+{
+    for (int64_t c = c0; c < c1; c++) { mn[c] = xb[c]; mx[c] = xb[c]; }
+    for (int64_t t = 1; t < T; t++) {
+        const float *xr = xb + t * C;
+        for (int64_t c = c0; c < c1; c++) {
+            mn[c] = xr[c] < mn[c] ? xr[c] : mn[c];
+            mx[c] = xr[c] > mx[c] ? xr[c] : mx[c];
+        }
+    }
+    for (int64_t c = c0; c < c1; c++) {
+        const int64_t g = igq_group(mn[c], mx[c], centres, G);
+        ps[c] = scale[g];
+        pz[c] = zp[g];
+    }
+}
+
+static inline void igq_quant_row(const float *xr, float *yr, const float *sr, const float *zr,
+                                 int64_t C, float qmin, float qmax)
+{
+    for (int64_t c = 0; c < C; c++)
+        yr[c] = clampf(rintf(xr[c] / sr[c]), qmin - zr[c], qmax - zr[c]) * sr[c];
+}
+
 void mmvq_igq_channels(const float *x, float *y, int64_t B, int64_t T, int64_t C,
                        const float *centres, const float *scale, const float *zp, int64_t G,
                        float qmin, float qmax, int threads)
 {
     float *mins = malloc(sizeof(float) * B * C * 4);
-    float *maxs = mins + B * C;
-    float *ps = maxs + B * C;                     /* per (b, c): scale, then clamp bounds */
-    float *pz = ps + B * C;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-        /* ranges: channel blocks of 64 across instances, so that one image
-         * still spreads over every thread */
-        const int64_t cb = 64, ncb = (C + cb - 1) / cb;
-#pragma omp for schedule(static)
-        for (int64_t u = 0; u < B * ncb; u++) {
-            const int64_t b = u / ncb, c0 = (u % ncb) * cb;
-            const int64_t c1 = c0 + cb < C ? c0 + cb : C;
-            float *mn = mins + b * C, *mx = maxs + b * C;
+    float *maxs = mins + B * C, *ps = maxs + B * C, *pz = ps + B * C;
+    if (B >= 4 * threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+        for (int64_t b = 0; b < B; b++) {
             const float *xb = x + b * T * C;
-            for (int64_t c = c0; c < c1; c++) { mn[c] = xb[c]; mx[c] = xb[c]; }
-            for (int64_t t = 1; t < T; t++) {
-                const float *xr = xb + t * C;
-                for (int64_t c = c0; c < c1; c++) {
-                    mn[c] = xr[c] < mn[c] ? xr[c] : mn[c];
-                    mx[c] = xr[c] > mx[c] ? xr[c] : mx[c];
-                }
-            }
-            for (int64_t c = c0; c < c1; c++) {
-                const int64_t g = igq_group(mn[c], mx[c], centres, G);
-                ps[b * C + c] = scale[g];
-                pz[b * C + c] = zp[g];
-            }
+            igq_ranges(xb, T, C, 0, C, mins + b * C, maxs + b * C, ps + b * C, pz + b * C,
+                       centres, scale, zp, G);
+            for (int64_t t = 0; t < T; t++)
+                igq_quant_row(xb + t * C, y + (b * T + t) * C, ps + b * C, pz + b * C, C, qmin,
+                              qmax);
         }
+    } else {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+            const int64_t cb = 64, ncb = (C + cb - 1) / cb;
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < B * T; r++) {
-            const int64_t b = r / T;
-            const float *xr = x + r * C, *sr = ps + b * C, *zr = pz + b * C;
-            float *yr = y + r * C;
-            for (int64_t c = 0; c < C; c++)
-                yr[c] = clampf(rintf(xr[c] / sr[c]), qmin - zr[c], qmax - zr[c]) * sr[c];
+            for (int64_t u = 0; u < B * ncb; u++) {
+                const int64_t b = u / ncb, c0 = (u % ncb) * cb;
+                igq_ranges(x + b * T * C, T, C, c0, c0 + cb < C ? c0 + cb : C, mins + b * C,
+                           maxs + b * C, ps + b * C, pz + b * C, centres, scale, zp, G);
+            }
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < B * T; r++)
+                igq_quant_row(x + r * C, y + r * C, ps + (r / T) * C, pz + (r / T) * C, C, qmin,
+                              qmax);
         }
     }
     free(mins);

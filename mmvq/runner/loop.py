@@ -148,7 +148,9 @@ class PTQLoop(BaseLoop):
         # one untimed forward first (lazy initialisation, allocator warm-up,
         # cached fake-quantized weights, the ONNX export of the first input
         # shape), so the timings compare steady state with steady state
+        t0 = time.perf_counter()
         model_.test_step(next(iter(self.dataloader)))
+        warmup_s = time.perf_counter() - t0
         release_memory()          # both phases start from the memory they hold, not glibc's leftovers
         bar = progress_bar(len(self.dataloader), f'eval {tag}')
         prof = contextlib.nullcontext()
@@ -156,7 +158,7 @@ class PTQLoop(BaseLoop):
         if self.profile and is_main_process():
             prof = profile_to(model, osp.join(self.runner.work_dir, f'profile_{tag.lower()}.txt'),
                               f'{tag} evaluation, {len(self.dataloader)} batches')
-        with PhaseMeter(module_device(model)) as meter, prof:
+        with PhaseMeter(module_device(model), warmup_s=warmup_s) as meter, prof:
             for idx, data_batch in enumerate(self.dataloader):
                 self.runner.call_hook('before_test_iter', batch_idx=idx, data_batch=data_batch)
                 outputs = model_.test_step(data_batch)

@@ -16,6 +16,7 @@ from mmengine.dist import get_rank
 from ..modes import iter_quantizers
 from ..modules.base import module_device
 from ..quantizers.exact import integer_dtype
+from ..quantizers.fused import fused_record
 from ..summary import quant_summary
 from ..utils import collect_env
 from ..utils.env import device_report
@@ -34,10 +35,13 @@ class PhaseMeter:
 
     Args:
         device (torch.device): the model's device.
+        warmup_s (float | None): the untimed first forward before the phase
+            (lazy initialisation, kernel build, cached weight codes).
     """
 
-    def __init__(self, device):
+    def __init__(self, device, warmup_s=None):
         self.cuda = torch.device(device).type == 'cuda'
+        self.warmup_s = warmup_s
         self.passes = []
         self._mem, self._load = PeakRSS(), MachineLoad()
 
@@ -131,8 +135,10 @@ def build_results(model, qcfg, phases, metrics, *, config=None, checkpoint=None,
                        per_image={k: v / max(1, eval_images) for k, v in times.items()},
                        quantized_vs_fp=ratio, **extra_times, reliable=reliable, repeats=repeats,
                        passes={k: m.passes for k, m in phases.items()},
+                       warmup_s={k: m.warmup_s for k, m in phases.items()},
                        load={k: m.load for k, m in phases.items()}),
         calibration=calibration or {}, profiled=profiled, deploy=deploy,
+        fused=fused_record(q for _, q in iter_quantizers(model)),
         device=dict(device_report(device),
                     integer_dtype=str(integer_dtype(device)).replace('torch.', '')),
         memory={k: m.memory for k, m in phases.items()},
