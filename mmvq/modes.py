@@ -1,5 +1,6 @@
 """Quantizer modes: iterate a converted model's quantizers, switch them
 between ``'float'``, ``'calib'`` and ``'quant'``, enable them by name."""
+import contextlib
 import fnmatch
 
 from .quantizers.base import BaseQuantizer
@@ -35,3 +36,18 @@ def enable_quantizers(model, enabled=True, pattern='*'):
         if fnmatch.fnmatch(name, pattern):
             q.enabled = enabled
     return model
+
+
+@contextlib.contextmanager
+def fused_quantizers(model, fused=True):
+    """Within the block every quantizer of ``model`` runs its fused kernel
+    (``True``, where one applies) or its eager code (``False``); the
+    previous flags are restored after."""
+    before = [(q, q.fused) for _, q in iter_quantizers(model)]
+    for q, _ in before:
+        q.fused = bool(fused)
+    try:
+        yield model
+    finally:
+        for q, flag in before:
+            q.fused = flag

@@ -52,6 +52,9 @@ def parse_args(argv=None):
                              'and evaluate it in onnxruntime, a third phase of results.json')
     parser.add_argument('--ort-threads', type=int, default=None,
                         help='onnxruntime intra-op threads (default: one per core)')
+    parser.add_argument('--compare-eager', action='store_true',
+                        help='also evaluate the quantized model on the eager (unfused) quantizer '
+                             'code: metrics must be identical, times side by side')
     parser.add_argument('--profile', action='store_true',
                         help='write profile_fp.txt / profile_quantized.txt (where eval time goes)')
     parser.add_argument('--trust-checkpoint', action='store_true',
@@ -143,6 +146,7 @@ def build_runner(args):
                         profile=args.profile, eval_repeats=args.eval_repeats,
                         backend=getattr(args, 'backend', 'pytorch'),
                         ort_threads=getattr(args, 'ort_threads', None),
+                        compare_eager=getattr(args, 'compare_eager', False),
                         calib_dataloader=calib_loader)
     _drop_partial_triples(cfg)
     if args.launcher != 'none' and getattr(args, 'backend', 'pytorch') != 'pytorch':

@@ -105,12 +105,13 @@ class PTFQuantizer(BaseQuantizer):
         return (q - self.zero_point) * self.channel_scale()
 
     def fake_quant(self, x):
-        cs = self.channel_scale()
         if _fused.use_fused(self, x):
-            y = _fused.fake_quant_affine(x, cs, self.zero_point, self.qmin, self.qmax)
+            y = _fused.fake_quant_planned(
+                self, x, (self.scale, self.alpha, self.zero_point),
+                lambda: (self.channel_scale(), self.zero_point), self.qmin, self.qmax)
             if y is not None:
                 return y
-        return fake_quant_affine(x, cs, self.zero_point, self.qmin, self.qmax)
+        return fake_quant_affine(x, self.channel_scale(), self.zero_point, self.qmin, self.qmax)
 
     def summary(self):
         hist = torch.bincount(self.alpha.reshape(-1), minlength=self.max_factor + 1).tolist()

@@ -193,12 +193,15 @@ class UniformQuantizer(BaseQuantizer):
         return self.quantize(x).to(dtype)
 
     def fake_quant(self, x):
-        s, z = self._view(self.scale, x), self._view(self.zero_point, x)
         if _fused.use_fused(self, x):
-            y = _fused.fake_quant_affine(x, s, z, self.qmin, self.qmax)
+            y = _fused.fake_quant_planned(
+                self, x, (self.scale, self.zero_point),
+                lambda: (self._view(self.scale, x), self._view(self.zero_point, x)),
+                self.qmin, self.qmax)
             if y is not None:
                 return y
-        return fake_quant_affine(x, s, z, self.qmin, self.qmax)
+        return fake_quant_affine(x, self._view(self.scale, x), self._view(self.zero_point, x),
+                                 self.qmin, self.qmax)
 
     def summary(self):
         gran = self.granularity if self.granularity != 'channel' else f'channel(axis={self.ch_axis})'

@@ -17,6 +17,7 @@ from mmengine.registry import DATASETS
 from mmengine.runner.loops import BaseLoop
 
 from ..calibration.data import spread_subset
+from ..modes import fused_quantizers
 from ..modules.base import module_device
 from ..registry import LOOPS
 from ..schema import calib_settings, validate_qcfg
@@ -70,16 +71,23 @@ class PTQLoop(BaseLoop):
             ``<work_dir>/onnx/``) and evaluate it in onnxruntime with the same
             data and evaluator, a third phase of ``results.json``.
         ort_threads (int | None): onnxruntime intra-op threads.
+        compare_eager (bool): after the quantized evaluation, evaluate the
+            same quantized model again with every quantizer on its eager
+            PyTorch code (``quant.fused=False``): ``results.json`` gains
+            ``metrics.eager``, ``metrics.identical_to_eager`` and the eager
+            time per image.
     """
 
     def __init__(self, runner, dataloader, evaluator, quant=None, calib_images=None,
                  calib_split=None, seed=None, skip_fp=False, save_quantized=None,
                  load_quantized=None, max_eval_images=None, checkpoint=None, profile=False,
-                 eval_repeats=1, calib_dataloader=None, backend='pytorch', ort_threads=None):
+                 eval_repeats=1, calib_dataloader=None, backend='pytorch', ort_threads=None,
+                 compare_eager=False):
         validate_qcfg(quant)
         if backend not in BACKENDS:
             raise ValueError(f'--backend {backend!r}: use one of {", ".join(BACKENDS)}')
         self.backend, self.ort_threads = backend, ort_threads
+        self.compare_eager = bool(compare_eager)
         if not isinstance(eval_repeats, int) or eval_repeats < 1:
             raise ValueError(f'--eval-repeats must be a positive integer, got {eval_repeats!r}')
         self.eval_repeats = eval_repeats
@@ -209,6 +217,9 @@ class PTQLoop(BaseLoop):
             metrics['fp'], phases['fp'] = self._evaluate('FP')
         self.session.quantize()
         metrics['quantized'], phases['quantized'] = self._evaluate('quantized')
+        if self.compare_eager:
+            with fused_quantizers(self.session.model, False):
+                metrics['eager'], phases['eager'] = self._evaluate('eager')
         deploy = None
         if self.backend == 'onnxruntime':
             deployed, deploy = self._deployed()

@@ -117,6 +117,12 @@ def build_results(model, qcfg, phases, metrics, *, config=None, checkpoint=None,
             k: deployed[k] - q[k] for k in deployed if k in q and isinstance(deployed[k], (int, float))})
         if times.get('fp'):
             extra_times['onnxruntime_vs_fp'] = times['onnxruntime'] / times['fp']
+    eager = metrics.get('eager')
+    if eager is not None:
+        extra_metrics.update(eager=eager, identical_to_eager=all(
+            eager.get(k) == v for k, v in q.items() if isinstance(v, (int, float))))
+        if times.get('fp'):
+            extra_times['eager_vs_fp'] = times['eager'] / times['fp']
     # a ratio taken while other processes used the CPUs measures them
     reliable = not any(meter.busy for meter in phases.values())
     kinds = {}
@@ -172,6 +178,10 @@ def console_lines(r):
     if t['quantized_vs_fp'] is not None:
         lines.append(f'[mmvq] evaluation time per image: quantized {t["quantized_vs_fp"]:.2f}x FP'
                      + ('' if t['reliable'] else ' (timed on a busy machine: not reliable)'))
+    if m.get('eager') is not None:
+        lines.append('[mmvq] eager (unfused) quantizers: metrics '
+                     + ('identical' if m['identical_to_eager'] else 'DIFFERENT')
+                     + (f', {t["eager_vs_fp"]:.2f}x FP per image' if t.get('eager_vs_fp') else ''))
     return lines
 
 def results_markdown(r, summary):
