@@ -82,6 +82,8 @@ def run_one(args, model, method, spec, data_root):
         cmd += ['--max-eval-images', str(args.max_eval_images)]
     if args.profile:
         cmd.append('--profile')
+    if not args.no_compare_eager:
+        cmd.append('--compare-eager')
     if args.backend != 'pytorch':
         cmd += ['--backend', args.backend]
     os.makedirs(wd, exist_ok=True)
@@ -122,6 +124,13 @@ def row_of(model, method, spec, res):
                mem_q_mb=mem.get('quantized', {}).get('peak_mb'),
                eval_images=res['eval_images'], command=res['_command'], wall_s=res['_wall'])
     row['delta'] = {k: row['quant'][k] - row['fp'][k] for k in row['fp']}
+    eager = res['metrics'].get('eager')
+    if eager is not None:
+        row['eager'] = {lab: eager[k] * spec['scale'] for k, lab in spec['metrics']}
+        row['identical_to_eager'] = res['metrics'].get('identical_to_eager')
+        row['eager_ratio'] = res['eval_time'].get('eager_vs_fp')
+    row['warmup_s'] = res['eval_time'].get('warmup_s')
+    row['fused'] = res.get('fused')
     ort = res['metrics'].get('onnxruntime')
     if ort is not None:
         row['onnxruntime'] = {lab: ort[k] * spec['scale'] for k, lab in spec['metrics']}
@@ -140,6 +149,8 @@ def check_targets(rows):
         miss = []
         if r['eval_ratio'] > TARGETS['eval_ratio']:
             miss.append(f'eval {r["eval_ratio"]:.2f}x > {TARGETS["eval_ratio"]}x')
+        if r.get('identical_to_eager') is False:
+            miss.append('metrics differ from the eager path')
         if (r['model'] == 'det' and r['method'].startswith(('adalog', 'igq', 'mixed'))
                 and r['calib_s'] > TARGETS['calib_s']):
             miss.append(f'calib {r["calib_s"]:.0f} s > {TARGETS["calib_s"]:.0f} s')
@@ -171,17 +182,21 @@ def markdown(rows, meta):
                 + (f' (fastest of {mrows[0]["eval_repeats"]} passes, as every eval time here)'
                    if mrows[0]['eval_repeats'] > 1 else '') + '.', '',
                 '| method | ' + ' | '.join(labs) + ' | ' + ' | '.join(f'Δ {lab}' for lab in labs)
-                + ' | calib s | eval time vs FP | peak RSS vs FP | targets |',
-                '|---|' + '---:|' * (2 * len(labs) + 3) + '---|']
+                + ' | calib s | eval time vs FP | eager eval vs FP | = eager | peak RSS vs FP '
+                '| targets |',
+                '|---|' + '---:|' * (2 * len(labs) + 4) + '---|---|']
         fp = mrows[0]['fp']
         out.append('| FP32 | ' + ' | '.join(f'{fp[lab]:.1f}' for lab in labs) + ' | '
-                   + ' | '.join('-' for _ in labs) + ' | - | 1.00x | 1.00x | |')
+                   + ' | '.join('-' for _ in labs) + ' | - | 1.00x | 1.00x | | 1.00x | |')
         for r in mrows:
             mem = f'{r["mem_ratio"]:.2f}x' if r['mem_ratio'] else 'n/a'
             out.append(f'| {r["name"]} | ' + ' | '.join(f'{r["quant"][lab]:.1f}' for lab in labs)
                        + ' | ' + ' | '.join(f'{r["delta"][lab]:+.1f}' for lab in labs)
                        + f' | {r["calib_s"]:.1f} | {r["eval_ratio"]:.2f}x'
-                       + ('' if r['eval_reliable'] else ' †') + f' | {mem} | '
+                       + ('' if r['eval_reliable'] else ' †')
+                       + (f' | {r["eager_ratio"]:.2f}x' if r.get('eager_ratio') else ' | -')
+                       + {True: ' | ✓', False: ' | ✗'}.get(r.get('identical_to_eager'), ' | -')
+                       + f' | {mem} | '
                        + ('✗ ' + '; '.join(r['missed']) if r['missed'] else '✓') + ' |')
         ort_rows = [r for r in mrows if 'onnxruntime' in r]
         if ort_rows:
@@ -196,7 +211,10 @@ def markdown(rows, meta):
                     f'{r["onnxruntime"][lab] - r["quant"][lab]:+.2f}' for lab in labs)
                     + f' | {r["onnxruntime_vs_fp"]:.2f}x |')
         out.append('')
-    out += ['Targets: quantized eval ≤ 1.3x FP per image; FPCS / IGQ-allocation calibration of the '
+    out += ['"eval time vs FP": the quantized evaluation with mmvq\'s fused quantizer kernels '
+            '(the default); "eager eval vs FP": the same quantized model evaluated again in the '
+            'same process with `quant.fused=False`; "= eager": its metrics are identical.', '',
+            'Targets: quantized eval ≤ 1.3x FP per image; FPCS / IGQ-allocation calibration of the '
             'tiny detector ≤ 120 s; W6A6 within 1 point of FP; at W4A4 AdaLog and IGQ above '
             'uniform. Eval time and peak RSS ratios compare the quantized and FP evaluations '
             'of the same process.'
@@ -243,7 +261,19 @@ def main(argv=None):
     p.add_argument('--profile', action='store_true',
                    help='ptq.py --profile: where eval time goes, <run>/profile_{fp,quantized}.txt '
                         '(timings then include profiler overhead)')
+    p.add_argument('--no-compare-eager', action='store_true',
+                   help='skip the second quantized evaluation on the eager (unfused) quantizers')
+    p.add_argument('--forward', action='store_true',
+                   help='only time the forward alone (tiny ViT, batch 256, FP vs eager vs fused '
+                        'quantizers, interleaved): benchmarks/forward.py')
+    p.add_argument('--threads', type=int, default=None, help='--forward: torch threads')
     args = p.parse_args(argv)
+    if args.forward:
+        import forward
+        methods = [m for m in args.methods if m in METHODS] if args.methods != list(METHODS) \
+            else list(forward.DEFAULT_METHODS)
+        return forward.main(['--methods', *methods, '--work-dir', args.work_dir]
+                            + (['--threads', str(args.threads)] if args.threads else []))
     args.work_dir = osp.abspath(args.work_dir)
     os.makedirs(args.work_dir, exist_ok=True)
     rows = []

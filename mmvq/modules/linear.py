@@ -1,9 +1,21 @@
 """Quantized Linear and Conv2d: input, weight and (optional) output quantizers."""
 import torch.nn as nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 import torch.nn.functional as F
 
 from ..registry import QUANT_WRAPPERS
 from .base import QuantModuleMixin
+
+
+def quantize_output(quantizer, y):
+    """``quantizer(y)`` for a layer's fresh output ``y``, which nothing else
+    reads: a fused kernel may write into it (one allocation fewer) unless a
+    hook could keep a reference to ``y`` (calibration searches, analysis)."""
+    if isinstance(quantizer, nn.Identity):
+        return y
+    hooked = (quantizer._forward_pre_hooks or quantizer._forward_hooks
+              or _global_forward_hooks or _global_forward_pre_hooks)
+    return quantizer(y) if hooked else quantizer(y, inplace=True)
 
 
 @QUANT_WRAPPERS.register(nn.Linear)
@@ -19,7 +31,7 @@ class QuantLinear(QuantModuleMixin):
     def forward(self, x):
         x = self.input_quantizer(x)
         w = self.quantized_weight()
-        return self.output_quantizer(F.linear(x, w, self.bias))
+        return quantize_output(self.output_quantizer, F.linear(x, w, self.bias))
 
 
 @QUANT_WRAPPERS.register(nn.Conv2d)
@@ -31,4 +43,4 @@ class QuantConv2d(QuantModuleMixin):
     def forward(self, x):
         x = self.input_quantizer(x)
         w = self.quantized_weight()
-        return self.output_quantizer(self._conv_forward(x, w, self.bias))
+        return quantize_output(self.output_quantizer, self._conv_forward(x, w, self.bias))

@@ -112,7 +112,10 @@ class BaseQuantizer(nn.Module):
         """
         self.is_calibrated()
 
-    def forward(self, x):
+    def forward(self, x, inplace=False):
+        """Quantize ``x`` as the mode says; ``inplace=True`` lets a fused
+        kernel write the result into ``x`` (only for a tensor nothing else
+        reads, e.g. a layer's fresh output; the eager code ignores it)."""
         if not self.enabled or self.mode == 'float':
             return x
         if self.mode == 'calib':
@@ -126,7 +129,12 @@ class BaseQuantizer(nn.Module):
         if not self.is_calibrated():
             raise RuntimeError(f'{type(self).__name__} is used in quant mode before '
                                'calibration: run mmvq.calibrate / PTQLoop first')
+        if inplace and self.inplace_ok:
+            return self.fake_quant(x, inplace=True)
         return self.fake_quant(x)
+
+    # whether fake_quant takes ``inplace`` (uniform, PTF)
+    inplace_ok = False
 
     # ------------------------------------------------------- to be overridden
     def observe(self, x):

@@ -104,11 +104,13 @@ class PTFQuantizer(BaseQuantizer):
     def dequantize(self, q):
         return (q - self.zero_point) * self.channel_scale()
 
-    def fake_quant(self, x):
+    inplace_ok = True
+
+    def fake_quant(self, x, inplace=False):
         if _fused.use_fused(self, x):
             y = _fused.fake_quant_planned(
                 self, x, (self.scale, self.alpha, self.zero_point),
-                lambda: (self.channel_scale(), self.zero_point), self.qmin, self.qmax)
+                lambda: (self.channel_scale(), self.zero_point), self.qmin, self.qmax, inplace)
             if y is not None:
                 return y
         return fake_quant_affine(x, self.channel_scale(), self.zero_point, self.qmin, self.qmax)

@@ -192,12 +192,14 @@ class UniformQuantizer(BaseQuantizer):
         dtype = torch.uint8 if self.qmin >= 0 else torch.int8
         return self.quantize(x).to(dtype)
 
-    def fake_quant(self, x):
+    inplace_ok = True
+
+    def fake_quant(self, x, inplace=False):
         if _fused.use_fused(self, x):
             y = _fused.fake_quant_planned(
                 self, x, (self.scale, self.zero_point),
                 lambda: (self._view(self.scale, x), self._view(self.zero_point, x)),
-                self.qmin, self.qmax)
+                self.qmin, self.qmax, inplace)
             if y is not None:
                 return y
         return fake_quant_affine(x, self._view(self.scale, x), self._view(self.zero_point, x),
