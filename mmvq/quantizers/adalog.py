@@ -7,7 +7,15 @@ Follows the reference ``quantizers/logarithm.py::AdaLogQuantizer`` and
   (candidates 10..138; ``q = r`` is log2): codes
   ``x_q = round(-log2(clamp(x / s, 1e-15, 1)) * r / q)``; codes ``>= 2^b``
   (values too small for the grid) dequantize to exact 0, the rest are clamped
-  to ``[0, 2^b - 1]``.
+  to ``[0, 2^b - 1]``. **Deliberate difference:** the reference rounds a
+  float32 ``log2`` (itself within an ulp or so); mmvq rounds the exact
+  logarithm: ``x_q >= j + 1`` exactly when ``t <= 2^(-(j + 1/2) q / r)``, so
+  the code is the number of these thresholds (computed in float64, rounded
+  down to float32 — for a float32 ``t`` the comparison is then the exact
+  one) that ``t`` does not exceed (:func:`adalog_thresholds`). The two agree
+  except where ``-log2(t) r / q`` lies within float32 rounding (``< 1e-5``)
+  of a half-integer; the threshold form is what the fused CPU kernel
+  computes too, so eager and fused evaluation give identical results.
 * hardware-friendly dequantization by two lookup tables of ``2^b`` entries:
   ``T1[i] = floor(i q / r)`` (an integer shift) and
   ``T2[i] = round(2^(-((q i) mod r) / r) (2^(b+1) - 2)) / (2^(b+1) - 2)``
@@ -46,16 +54,41 @@ def adalog_tables(q, r, bits):
     return t1, t2
 
 
-def _unclamped_codes(x, scale, q, r, shift=None):
-    """``round(-log2(clamp((x + shift) / s, 1e-15, 1)) * r / q)``, in place on one buffer."""
+def adalog_thresholds(q, r, bits):
+    """``[+inf, T_0, ..., T_(L-1), -inf]`` (float32, ``L = 2^bits``) with
+    ``T_j = 2^(-(j + 1/2) q / r)`` computed in float64 and rounded down to
+    float32: for a float32 ``t``, ``t <= T_j`` is the exact comparison, and
+    ``round(-log2(t) r / q) >= j + 1`` exactly when it holds."""
+    j = torch.arange(2 ** bits, dtype=torch.float64, device=q.device)
+    thr = torch.exp2(-(j + 0.5) * q.double().reshape(()) / r)
+    thr32 = thr.float()
+    thr32 = torch.where(thr32.double() > thr,
+                        torch.nextafter(thr32, torch.full_like(thr32, float('-inf'))), thr32)
+    inf = thr32.new_full((1, ), float('inf'))
+    return torch.cat([inf, thr32, -inf]).contiguous()
+
+
+def _unclamped_codes(x, scale, q, r, thresholds, shift=None):
+    """``round(-log2(clamp((x + shift) / s, 1e-15, 1)) * r / q)`` capped at
+    ``2^b`` (every code from ``2^b`` on is the exact zero), as floats: the number
+    of thresholds ``t`` does not exceed. Computed as the rounded float32
+    logarithm (within one of that count), then one comparison with the
+    threshold on each side."""
     t = torch.div(x, scale) if shift is None else torch.add(x, shift).div_(scale)
     t.clamp_(min=1e-15, max=1.0)
-    return torch.log2(t, out=t).neg_().mul_(r).div_(q).round_()
+    levels = thresholds.numel() - 2
+    k = torch.log2(t).neg_().mul_(r).div_(q).round_().clamp_(0, levels)
+    idx = k.long()
+    k += t <= torch.take(thresholds[1:], idx)
+    k -= (t > torch.take(thresholds, idx)).to(k.dtype)
+    return k
 
 
-def adalog_codes(x, scale, q, r, bits):
-    """Codes and the zero mask for base ``2^(q/r)`` (broadcasting)."""
-    codes = _unclamped_codes(x, scale, q, r)
+def adalog_codes(x, scale, q, r, bits, thresholds=None):
+    """Codes (float) and the zero mask for base ``2^(q/r)`` (one ``q``)."""
+    if thresholds is None:
+        thresholds = adalog_thresholds(q, r, bits)
+    codes = _unclamped_codes(x, scale, q.float(), r, thresholds)
     zero = codes >= 2 ** bits
     return torch.clamp(codes, 0, 2 ** bits - 1), zero
 
@@ -115,7 +148,8 @@ class AdaLogQuantizer(BaseQuantizer):
     # ---------------------------------------------------------- arithmetic
     def quantize(self, x):
         """Codes (float tensor) and the zero mask of ``x`` (shift applied)."""
-        return adalog_codes(x + self.shift, self.scale, self.q.float(), self.r, self.bits)
+        return adalog_codes(x + self.shift, self.scale, self.q, self.r, self.bits,
+                            self.fused_tables()[0])
 
     def lut(self):
         """Dequantized value of every code: ``2^-T1[i] * T2[i] * s``."""
@@ -126,22 +160,14 @@ class AdaLogQuantizer(BaseQuantizer):
         return self.lut()[codes.long()].masked_fill(zero, 0.0)
 
     def fused_tables(self):
-        """For the fused kernel: ``[inf, 2^(-(j + 1/2) q / r) for j < 2^b, -inf]``
-        (thresholds rounded down to float32) and :meth:`lut` extended by
-        exact zeros (at least 17 entries); cached until a buffer they derive
-        from changes (no host read)."""
+        """:func:`adalog_thresholds` and :meth:`lut` extended by exact zeros
+        (at least 17 entries, as the fused kernel reads them); cached until a
+        buffer they derive from changes (no host read)."""
         key = tuple((id(b), b._version) for b in (self.q, self.scale, self.table1, self.table2))
         hit = self.__dict__.get('_mmvq_fused_tables')
         if hit is None or hit[0] != key:
             levels = 2 ** self.bits
-            j = torch.arange(levels, dtype=torch.float64, device=self.q.device)
-            thr = torch.exp2(-(j + 0.5) * self.q.double() / self.r)
-            # rounded down to float32: for a float32 t, t <= thr32 iff t <= thr
-            thr32 = thr.float()
-            thr32 = torch.where(thr32.double() > thr, torch.nextafter(
-                thr32, torch.full_like(thr32, float('-inf'))), thr32)
-            inf = thr32.new_full((1, ), float('inf'))
-            thr32 = torch.cat([inf, thr32, -inf]).contiguous()
+            thr32 = adalog_thresholds(self.q, self.r, self.bits)
             lut = self.lut()
             hit = (key, thr32, torch.cat([lut, lut.new_zeros(max(1, 17 - levels))]).float().contiguous())
             self.__dict__['_mmvq_fused_tables'] = hit
@@ -152,14 +178,11 @@ class AdaLogQuantizer(BaseQuantizer):
             thr, lut = self.fused_tables()
             return _fused.adalog(x, self.scale, self.shift, thr, 2 ** self.bits, lut,
                                  self.shifted and not self.is_folded())
-        # quantize + dequantize fused: the codes of adalog_codes, then one
-        # gather from the table extended by an exact 0 at index 2^b, which is
-        # where every code >= 2^b (too small for the grid) lands after the clamp
-        levels = 2 ** self.bits
-        idx = _unclamped_codes(x, self.scale, self.q.float(), self.r,
-                               self.shift).clamp_(0, levels).long()
-        lut = self.lut()
-        out = torch.take(torch.cat([lut, lut.new_zeros(1)]), idx).to(x.dtype)
+        # quantize + dequantize in one gather: the codes of adalog_codes
+        # (capped at 2^b, the exact zero) index the table extended by zeros
+        thr, lut = self.fused_tables()
+        idx = _unclamped_codes(x, self.scale, self.q.float(), self.r, thr, self.shift).long()
+        out = torch.take(lut, idx).to(x.dtype)
         if self.shifted and not self.is_folded():
             out = out - self.shift
         return out
