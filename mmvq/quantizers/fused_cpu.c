@@ -49,6 +49,9 @@ void mmvq_fq(const float *x, float *y, int64_t d0, int64_t d1, int64_t d2, int64
             const float sc = sr[0], lo = qmin - zr[0], hi = qmax - zr[0];
             for (int64_t j = 0; j < L; j++)
                 yr[j] = clampf(rintf(xr[j] / sc), lo, hi) * sc;
+        } else if (ss3 == 1 && zs3 == 1) {
+            for (int64_t j = 0; j < L; j++)
+                yr[j] = clampf(rintf(xr[j] / sr[j]), qmin - zr[j], qmax - zr[j]) * sr[j];
         } else if (zs3 == 0) {
             const float lo = qmin - zr[0], hi = qmax - zr[0];
             for (int64_t j = 0; j < L; j++)
@@ -279,102 +282,161 @@ void mmvq_adalog(const float *x, float *y, int64_t n, const float *scale, const 
     }
 }
 
-static inline int64_t igq_group(float mn, float mx, const float *centres, int64_t G)
-{
-    int64_t best = 0;
-    float bd = 0.0f;
-    for (int64_t g = 0; g < G; g++) {
-        const float a = mn - centres[2 * g], b = mx - centres[2 * g + 1];
-        const float d = a * a + b * b;
-        if (g == 0 || d < bd || (d != d && bd == bd)) { bd = d; best = g; }
-    }
-    return best;
-}
-
-/* IGQ-ViT, units = rows (igq.py IGQQuantizer.fake_quant, unit 'row' or a
- * 4-D conv input): each row of M is one unit: its (min, max), the nearest
- * group centre, that group's uniform fake quantization. */
-void mmvq_igq_rows(const float *x, float *y, int64_t R, int64_t M, const float *centres,
-                   const float *scale, const float *zp, int64_t G, float qmin, float qmax,
-                   int threads)
-{
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t r = 0; r < R; r++) {
-        const float *xr = x + r * M;
-        float mn = xr[0], mx = xr[0];
-        for (int64_t j = 1; j < M; j++) {
-            mn = xr[j] < mn ? xr[j] : mn;
-            mx = xr[j] > mx ? xr[j] : mx;
-        }
-        const int64_t g = igq_group(mn, mx, centres, G);
-        const float sc = scale[g], lo = qmin - zp[g], hi = qmax - zp[g];
-        float *yr = y + r * M;
-        for (int64_t j = 0; j < M; j++) yr[j] = clampf(rintf(xr[j] / sc), lo, hi) * sc;
-    }
-}
-
 /* IGQ-ViT, units = channels of (B, T, C) (channels last): per instance b
- * the (min, max) of every channel over its T tokens, the nearest group, and
- * the per-channel fake quantization. With several instances per thread each
- * instance is done whole while it is in cache; otherwise (one image) the
- * ranges are split over channel blocks and the quantization over rows. */
-static void igq_ranges(const float *xb, int64_t T, int64_t C, int64_t c0, int64_t c1,
-                       float *mn, float *mx, float *ps, float *pz, const float *centres,
-                       const float *scale, const float *zp, int64_t G)
+ * the (min, max) of every channel over its T tokens, the nearest group (the
+ * first minimum of the distances, as argmin), and the per-channel fake
+ * quantization with that group's scale and clamp bounds. With several
+ * instances per thread each instance is done whole while it is in cache;
+ * otherwise (one image) the ranges are split over channel blocks and the
+ * quantization over rows. w holds 6 C floats per instance: min, max, best
+ * distance, scale, lower and upper clamp bound. */
+static void igq_ranges_groups(float *w, int64_t C, const float *centres, const float *scale,
+                              const float *zp, int64_t G, float qmin, float qmax)
 {
-    for (int64_t c = c0; c < c1; c++) { mn[c] = xb[c]; mx[c] = xb[c]; }
+    float *mn = w, *mx = w + C, *bd = w + 2 * C, *ps = w + 3 * C, *plo = w + 4 * C,
+          *phi = w + 5 * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; c++) {           /* group 0, channels in vector lanes */
+        const float a = mn[c] - centres[0], b = mx[c] - centres[1];
+        bd[c] = a * a + b * b;
+        ps[c] = scale[0];
+        plo[c] = qmin - zp[0];
+        phi[c] = qmax - zp[0];
+    }
+    for (int64_t g = 1; g < G; g++) {
+        const float cg0 = centres[2 * g], cg1 = centres[2 * g + 1];
+        const float sg = scale[g], lg = qmin - zp[g], hg = qmax - zp[g];
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            const float a = mn[c] - cg0, b = mx[c] - cg1;
+            const float d = a * a + b * b;
+            const int take = d < bd[c];               /* strict: the first minimum wins */
+            bd[c] = take ? d : bd[c];
+            ps[c] = take ? sg : ps[c];
+            plo[c] = take ? lg : plo[c];
+            phi[c] = take ? hg : phi[c];
+        }
+    }
+}
+
+/* (min, max) of every channel over T tokens into w[0:C], w[C:2C], then the groups */
+static void igq_ranges(const float *xb, int64_t T, int64_t C, float *w, const float *centres,
+                       const float *scale, const float *zp, int64_t G, float qmin, float qmax)
+{
+    float *mn = w, *mx = w + C;
+    for (int64_t c = 0; c < C; c++) { mn[c] = xb[c]; mx[c] = xb[c]; }
     for (int64_t t = 1; t < T; t++) {
         const float *xr = xb + t * C;
-        for (int64_t c = c0; c < c1; c++) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
             mn[c] = xr[c] < mn[c] ? xr[c] : mn[c];
             mx[c] = xr[c] > mx[c] ? xr[c] : mx[c];
         }
     }
-    for (int64_t c = c0; c < c1; c++) {
-        const int64_t g = igq_group(mn[c], mx[c], centres, G);
-        ps[c] = scale[g];
-        pz[c] = zp[g];
+    igq_ranges_groups(w, C, centres, scale, zp, G, qmin, qmax);
+}
+
+/* IGQ-ViT, units = rows (igq.py IGQQuantizer.fake_quant, unit 'row' or a
+ * 4-D conv input): each row of M is one unit: its (min, max), the nearest
+ * group centre, that group's uniform fake quantization. Rows go in blocks
+ * of 64 so that the group assignment runs with rows in vector lanes. */
+void mmvq_igq_rows(const float *x, float *y, int64_t R, int64_t M, const float *centres,
+                   const float *scale, const float *zp, int64_t G, float qmin, float qmax,
+                   int threads)
+{
+    enum { RB = 64 };
+    const int64_t nblocks = (R + RB - 1) / RB;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t bi = 0; bi < nblocks; bi++) {
+        const int64_t r0 = bi * RB, n = R - r0 < RB ? R - r0 : RB;
+        float w[6 * RB];
+        for (int64_t i = 0; i < n; i++) {
+            const float *xr = x + (r0 + i) * M;
+            float mn = xr[0], mx = xr[0];
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+            for (int64_t j = 1; j < M; j++) {
+                mn = xr[j] < mn ? xr[j] : mn;
+                mx = xr[j] > mx ? xr[j] : mx;
+            }
+            w[i] = mn;
+            w[n + i] = mx;
+        }
+        igq_ranges_groups(w, n, centres, scale, zp, G, qmin, qmax);
+        for (int64_t i = 0; i < n; i++) {
+            const float sc = w[3 * n + i], lo = w[4 * n + i], hi = w[5 * n + i];
+            const float *xr = x + (r0 + i) * M;
+            float *yr = y + (r0 + i) * M;
+#pragma omp simd
+            for (int64_t j = 0; j < M; j++) yr[j] = clampf(rintf(xr[j] / sc), lo, hi) * sc;
+        }
     }
 }
 
-static inline void igq_quant_row(const float *xr, float *yr, const float *sr, const float *zr,
-                                 int64_t C, float qmin, float qmax)
+static inline void igq_quant_row(const float *xr, float *yr, const float *w, int64_t C)
 {
-    for (int64_t c = 0; c < C; c++)
-        yr[c] = clampf(rintf(xr[c] / sr[c]), qmin - zr[c], qmax - zr[c]) * sr[c];
+    const float *ps = w + 3 * C, *plo = w + 4 * C, *phi = w + 5 * C;
+    #pragma omp simd
+    for (int64_t c = 0; c < C; c++) yr[c] = clampf(rintf(xr[c] / ps[c]), plo[c], phi[c]) * ps[c];
 }
 
 void mmvq_igq_channels(const float *x, float *y, int64_t B, int64_t T, int64_t C,
                        const float *centres, const float *scale, const float *zp, int64_t G,
                        float qmin, float qmax, int threads)
 {
-    float *mins = malloc(sizeof(float) * B * C * 4);
-    float *maxs = mins + B * C, *ps = maxs + B * C, *pz = ps + B * C;
-    if (B >= 4 * threads) {
+    float *work = malloc(sizeof(float) * B * C * 6);
+    if (B >= 4 * threads || threads < 2) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
         for (int64_t b = 0; b < B; b++) {
             const float *xb = x + b * T * C;
-            igq_ranges(xb, T, C, 0, C, mins + b * C, maxs + b * C, ps + b * C, pz + b * C,
-                       centres, scale, zp, G);
-            for (int64_t t = 0; t < T; t++)
-                igq_quant_row(xb + t * C, y + (b * T + t) * C, ps + b * C, pz + b * C, C, qmin,
-                              qmax);
+            float *w = work + b * C * 6;
+            igq_ranges(xb, T, C, w, centres, scale, zp, G, qmin, qmax);
+            for (int64_t t = 0; t < T; t++) igq_quant_row(xb + t * C, y + (b * T + t) * C, w, C);
         }
     } else {
-#pragma omp parallel num_threads(threads) if (threads > 1)
+        /* few instances (one image): each thread takes the (min, max) of a
+         * slice of the tokens, the slices are merged, then rows are quantized */
+        const int64_t nt = threads;
+        float *part = malloc(sizeof(float) * B * nt * C * 2);
+#pragma omp parallel num_threads(threads)
         {
-            const int64_t cb = 64, ncb = (C + cb - 1) / cb;
 #pragma omp for schedule(static)
-            for (int64_t u = 0; u < B * ncb; u++) {
-                const int64_t b = u / ncb, c0 = (u % ncb) * cb;
-                igq_ranges(x + b * T * C, T, C, c0, c0 + cb < C ? c0 + cb : C, mins + b * C,
-                           maxs + b * C, ps + b * C, pz + b * C, centres, scale, zp, G);
+            for (int64_t u = 0; u < B * nt; u++) {
+                const int64_t b = u / nt, k = u % nt;
+                const int64_t t0 = T * k / nt, t1 = T * (k + 1) / nt;
+                float *mn = part + u * C * 2, *mx = mn + C;
+                for (int64_t c = 0; c < C; c++) { mn[c] = INFINITY; mx[c] = -INFINITY; }
+                for (int64_t t = t0; t < t1; t++) {
+                    const float *xr = x + (b * T + t) * C;
+#pragma omp simd
+                    for (int64_t c = 0; c < C; c++) {
+                        mn[c] = xr[c] < mn[c] ? xr[c] : mn[c];
+                        mx[c] = xr[c] > mx[c] ? xr[c] : mx[c];
+                    }
+                }
+            }
+#pragma omp single
+            for (int64_t b = 0; b < B; b++) {
+                /* merged ranges as a one-token instance, then the groups */
+                float *w = work + b * C * 6, *m2 = malloc(sizeof(float) * C * 2);
+                for (int64_t c = 0; c < C; c++) {
+                    float lo = INFINITY, hi = -INFINITY;
+                    for (int64_t k = 0; k < nt; k++) {
+                        const float *mn = part + (b * nt + k) * C * 2;
+                        lo = mn[c] < lo ? mn[c] : lo;
+                        hi = mn[C + c] > hi ? mn[C + c] : hi;
+                    }
+                    m2[c] = lo;
+                    m2[C + c] = hi;
+                }
+                memcpy(w, m2, sizeof(float) * C * 2);
+                igq_ranges_groups(w, C, centres, scale, zp, G, qmin, qmax);
+                free(m2);
             }
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < B * T; r++)
-                igq_quant_row(x + r * C, y + r * C, ps + (r / T) * C, pz + (r / T) * C, C, qmin,
-                              qmax);
+                igq_quant_row(x + r * C, y + r * C, work + (r / T) * C * 6, C);
         }
+        free(part);
     }
-    free(mins);
+    free(work);
 }
