@@ -31,6 +31,7 @@ setup(
     long_description=open(osp.join(HERE, 'README.md')).read(),
     long_description_content_type='text/markdown',
     packages=find_packages(exclude=('tests', 'configs', 'tools')),
+    package_data={'mmvq.quantizers': ['fused_cpu.c']},
     python_requires='>=3.10,<3.12',
     install_requires=[r for r in read_requirements() if not r.startswith('pytest')],
     extras_require={'tests': ['pytest==8.4.2']},

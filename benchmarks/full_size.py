@@ -133,26 +133,50 @@ def worker(args):
 
     def evaluate():
         with torch.no_grad():
+            t0 = time.perf_counter()
             model.test_step(evals[0])                      # untimed warm-up
+            warmup = time.perf_counter() - t0
             release_memory()
             with _Phase(args.device) as phase:
-                for batch in evals:
-                    model.test_step(batch)
+                # a digest of each image's detections (boxes, scores, labels,
+                # masks), not the detections: 100 full-image masks would add
+                # ~100 MB per image to the next phase's memory
+                phase.digests = [digest(model.test_step(batch)) for batch in evals]
+        phase.warmup_s = warmup
         return phase
+
+    def digest(out):
+        import hashlib
+        h = hashlib.sha256()
+        pred = out[0].pred_instances
+        for key in ('bboxes', 'scores', 'labels', 'masks'):
+            if key in pred:
+                h.update(pred[key].detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     fp = evaluate()
     qcfg = Config.fromfile(osp.join(ROOT, 'configs', '_base_', 'quant', f'{args.method}.py')).quant.to_dict()
     with _Phase(args.device) as cal:
         mmvq.convert(model, qcfg)
         searches = [mmvq.calibration.build_search(s) for s in qcfg.get('searches', [])]
-        mmvq.calibrate(model, calib, lambda m, b: m.test_step(b), searches=searches)
+        mmvq.calibrate(model, calib, lambda m, b: m.test_step(b),
+                       searches=[] if args.no_searches else searches)
     q = evaluate()
+    eager = None
+    if not args.no_eager:
+        from mmvq.modes import fused_quantizers
+        with fused_quantizers(model, False):
+            eager = evaluate()
     row = dict(model=args.model, method=args.method, name=qcfg.get('name', args.method),
                device=device_report(args.device), calib_s=cal.seconds,
                calib_peak_mb=cal.peak_mb, search_budgets={s.name: s.budget for s in searches},
                fp_ms=1e3 * fp.seconds / len(evals), q_ms=1e3 * q.seconds / len(evals),
                fp_peak_mb=fp.peak_mb, q_peak_mb=q.peak_mb, fp_start_mb=fp.start_mb,
-               q_start_mb=q.start_mb, eval_images=len(evals))
+               q_start_mb=q.start_mb, eval_images=len(evals), searches=not args.no_searches,
+               q_warmup_s=q.warmup_s, fp_warmup_s=fp.warmup_s,
+               eager_ms=1e3 * eager.seconds / len(evals) if eager else None,
+               eager_peak_mb=eager.peak_mb if eager else None,
+               identical_to_eager=q.digests == eager.digests if eager else None)
     with open(args.out, 'w') as f:
         json.dump(row, f, indent=2, default=str)
 
@@ -163,11 +187,14 @@ def markdown(rows):
     lines = [f'Device: {dev.get("name", "?")} ({dev.get("device", "?")}); 1333x800, random weights, '
              f'1 calibration image, {rows[0]["eval_images"] if rows else 0} eval image(s); '
              f'peak memory = {mem}.', '',
-             '| model | method | calib s | FP ms/img | quantized ms/img | time vs FP | FP peak MB | '
-             'quantized peak MB | peak vs FP |', '|---|---|---:|---:|---:|---:|---:|---:|---:|']
+             '| model | method | calib s | FP ms/img | quantized ms/img | time vs FP | eager ms/img '
+             '| eager vs FP | = eager | FP peak MB | quantized peak MB | peak vs FP |',
+             '|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|']
     for r in rows:
+        eager = (f'{r["eager_ms"]:.0f} | {r["eager_ms"] / r["fp_ms"]:.2f}x | '
+                 + ('✓' if r['identical_to_eager'] else '✗') if r.get('eager_ms') else '- | - | -')
         lines.append(f'| {MODELS[r["model"]][0]} | {r["name"]} | {r["calib_s"]:.1f} | {r["fp_ms"]:.0f} | '
-                     f'{r["q_ms"]:.0f} | {r["q_ms"] / r["fp_ms"]:.2f}x | {r["fp_peak_mb"]:.0f} | '
+                     f'{r["q_ms"]:.0f} | {r["q_ms"] / r["fp_ms"]:.2f}x | {eager} | {r["fp_peak_mb"]:.0f} | '
                      f'{r["q_peak_mb"]:.0f} | {r["q_peak_mb"] / r["fp_peak_mb"]:.2f}x |')
     return '\n'.join(lines) + '\n'
 
@@ -181,6 +208,12 @@ def main(argv=None):
     p.add_argument('--eval-images', type=int, default=1)
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--work-dir', default='work_dirs/full_size')
+    p.add_argument('--no-searches', action='store_true',
+                   help='calibrate with observers only (FPCS / IGQ allocation skipped: they set '
+                        'parameter values, not the work an evaluation does): time and memory rows '
+                        'in minutes instead of an hour on a CPU')
+    p.add_argument('--no-eager', action='store_true',
+                   help='skip the second quantized evaluation on the eager (unfused) quantizers')
     p.add_argument('--worker', nargs=3, metavar=('MODEL', 'METHOD', 'OUT'), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -194,6 +227,8 @@ def main(argv=None):
             out = osp.join(args.work_dir, f'{model}_{method}.json')
             cmd = [sys.executable, osp.abspath(__file__), '--device', args.device, '--eval-images',
                    str(args.eval_images), '--worker', model, method, out]
+            cmd[2:2] = (['--no-searches'] if args.no_searches else []) + (
+                ['--no-eager'] if args.no_eager else [])
             if args.threads:
                 cmd[2:2] = ['--threads', str(args.threads)]
             print(f'[full_size] {model} {method} ...', flush=True)
@@ -208,8 +243,11 @@ def main(argv=None):
             with open(out) as f:
                 rows.append(json.load(f))
             r = rows[-1]
-            print(f'[full_size] {model} {method}: calib {r["calib_s"]:.1f} s, eval {r["q_ms"] / r["fp_ms"]:.2f}x, '
-                  f'peak {r["q_peak_mb"] / r["fp_peak_mb"]:.2f}x ({time.perf_counter() - t0:.0f} s)', flush=True)
+            print(f'[full_size] {model} {method}: calib {r["calib_s"]:.1f} s, eval {r["q_ms"] / r["fp_ms"]:.2f}x'
+                  + (f' (eager {r["eager_ms"] / r["fp_ms"]:.2f}x, identical={r["identical_to_eager"]})'
+                     if r.get('eager_ms') else '')
+                  + f', peak {r["q_peak_mb"] / r["fp_peak_mb"]:.2f}x ({time.perf_counter() - t0:.0f} s)',
+                  flush=True)
     with open(osp.join(args.work_dir, 'full_size.json'), 'w') as f:
         json.dump(rows, f, indent=2, default=str)
     table = markdown(rows)

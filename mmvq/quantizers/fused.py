@@ -40,6 +40,7 @@ differentiate keep the eager code). Other devices run the eager code (GPU
 kernels are not part of this module). ``MMVQ_FUSED=0`` in the environment
 turns it off process-wide.
 """
+import collections
 import ctypes
 import hashlib
 import os
@@ -59,6 +60,8 @@ FLAGS = ['-O3', '-march=native', '-fopenmp', '-ffp-contract=off', '-fno-math-err
          '-fno-trapping-math', '-fPIC', '-shared', '-std=c99']
 _LOCK = threading.Lock()
 _STATE = dict(lib=None, tried=False, info=None)
+# kernel calls per kernel name, for tests and reports (an int increment per call)
+CALLS = collections.Counter()
 
 f32p = ctypes.c_void_p
 i64 = ctypes.c_int64
@@ -268,6 +271,7 @@ def _run_fq(x, plan, inplace=False):
     else:
         y = torch.empty(shape, dtype=torch.float32, device=x.device)
     _STATE['lib'].mmvq_fq(x.data_ptr(), y.data_ptr(), *args, threads_for(x.numel()))
+    CALLS['fq'] += 1
     return y.mT if transposed else y
 
 
@@ -309,6 +313,7 @@ def int_layer_norm(x, iq, oq, weight, bias, zero_weight, m_bits=8):
                           ptr(alpha), float(iq.qmax), ptr(w), ptr(b), ptr(oq.scale),
                           ptr(oq.zero_point), float(oq.qmin), float(oq.qmax), int(zero_weight),
                           m_bits, threads_for(x.numel()))
+    CALLS['int_ln'] += 1
     return y
 
 
@@ -344,6 +349,7 @@ def lis_softmax(x, iq, scale, bits, n, consts, table, mask=None, offsets=None):
                        float(iq.qmin), float(iq.qmax), float(scale), mptr,
                        ptr(offsets) if mask is not None else None, float(x0), float(b_int),
                        float(c_int), int(n), int(bits), ptr(table), threads_for(x.numel()))
+    CALLS['lis'] += 1
     return y
 
 
@@ -354,6 +360,7 @@ def adalog(x, scale, shift, thresholds, levels, lut, unshift):
     y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     kernels().mmvq_adalog(ptr(x), ptr(y), x.numel(), ptr(scale), ptr(shift), ptr(thresholds),
                           int(levels), ptr(lut), int(unshift), threads_for(x.numel()))
+    CALLS['adalog'] += 1
     return y
 
 
@@ -370,4 +377,5 @@ def igq(x, q, rows):
     else:
         kernels().mmvq_igq_channels(ptr(x), ptr(y), x.shape[0], x.numel() // (x.shape[0] * x.shape[-1]),
                                     x.shape[-1], *args)
+    CALLS['igq_rows' if rows else 'igq_channels'] += 1
     return y
