@@ -142,6 +142,8 @@ def worker(args):
                 for batch in evals:
                     t0 = time.perf_counter()
                     out = model.test_step(batch)
+                    if args.device.startswith('cuda'):
+                        torch.cuda.synchronize()
                     steps.append(time.perf_counter() - t0)
                     # a digest of the detections (boxes, scores, labels, masks),
                     # untimed; keeping them would add ~100 MB per image of masks
