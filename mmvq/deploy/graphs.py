@@ -148,15 +148,19 @@ def lis_softmax_graph(logits, scale, bits=4, n=30, mask=None, dtype=None):
 
 
 def adalog_graph(quantizer, x):
-    """:meth:`AdaLogQuantizer.fake_quant` in exportable ops (log2, a rounding,
-    one gather from the ``2^b + 1`` entry table whose last entry is the exact 0)."""
+    """:meth:`AdaLogQuantizer.fake_quant` in exportable ops: log2 and a rounding
+    give a code within one of the exact one, one comparison with the exact
+    threshold on each side makes it exact (:func:`mmvq.quantizers.adalog.adalog_thresholds`),
+    then one gather from the table whose entries from ``2^b`` on are the exact 0."""
     levels = 2 ** quantizer.bits
     t = (x + quantizer.shift.to(x.dtype)) / quantizer.scale.to(x.dtype)
     t = torch.clamp(t, min=1e-15, max=1.0)
     codes = torch.round(-torch.log2(t) * quantizer.r / quantizer.q.to(x.dtype))
     idx = torch.clamp(codes, 0, levels).long()
-    lut = quantizer.lut().to(x.dtype)
-    out = torch.cat([lut, torch.zeros_like(lut[:1])])[idx]
+    thr, lut = quantizer.fused_tables()
+    thr = thr.to(x.dtype)
+    idx = idx + (t <= thr[idx + 1]).long() - (t > thr[idx]).long()
+    out = lut.to(x.dtype)[idx]
     if quantizer.shifted and not quantizer.is_folded():
         out = out - quantizer.shift.to(x.dtype)
     return out
