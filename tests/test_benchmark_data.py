@@ -121,6 +121,7 @@ def test_profile_report_labels_mmvq_modules(tmp_path):
             lin(torch.randn(4, 16))
     text = out.read_text()
     assert '| mmvq.QuantLinear | 3 |' in text and '| mmvq.quantizer[uniform] | 3 |' in text
+    assert '| mmvq.fused::fq | 3 |' in text                 # the fused kernel, labelled
     assert 'aten::' in text
     assert not lin._forward_hooks and not lin._forward_pre_hooks      # hooks removed
     assert '_mmvq_rf' not in lin.__dict__

@@ -208,6 +208,17 @@ def threads_for(numel):
     return torch.get_num_threads() if numel >= PARALLEL_MIN else 1
 
 
+def _call(name, *args):
+    """Run kernel ``mmvq_<name>``; under torch.profiler it is a labelled range
+    (``mmvq.fused::<name>``) inside its quantizer's."""
+    CALLS[name] += 1
+    fn = getattr(_STATE['lib'], 'mmvq_' + name)
+    if torch._C._autograd._profiler_enabled():
+        with torch.profiler.record_function('mmvq.fused::' + name):
+            return fn(*args)
+    return fn(*args)
+
+
 def ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
@@ -270,8 +281,7 @@ def _run_fq(x, plan, inplace=False):
         y = x                       # element i is read before it is written
     else:
         y = torch.empty(shape, dtype=torch.float32, device=x.device)
-    _STATE['lib'].mmvq_fq(x.data_ptr(), y.data_ptr(), *args, threads_for(x.numel()))
-    CALLS['fq'] += 1
+    _call('fq', x.data_ptr(), y.data_ptr(), *args, threads_for(x.numel()))
     return y.mT if transposed else y
 
 
@@ -309,11 +319,10 @@ def int_layer_norm(x, iq, oq, weight, bias, zero_weight, m_bits=8):
     w = weight.detach().float().contiguous()
     b = bias.detach().float().contiguous()
     alpha = iq.alpha.long().contiguous()
-    kernels().mmvq_int_ln(ptr(x), ptr(y), x.numel() // c, c, ptr(iq.scale), ptr(iq.zero_point),
+    _call('int_ln', ptr(x), ptr(y), x.numel() // c, c, ptr(iq.scale), ptr(iq.zero_point),
                           ptr(alpha), float(iq.qmax), ptr(w), ptr(b), ptr(oq.scale),
                           ptr(oq.zero_point), float(oq.qmin), float(oq.qmax), int(zero_weight),
                           m_bits, threads_for(x.numel()))
-    CALLS['int_ln'] += 1
     return y
 
 
@@ -345,11 +354,10 @@ def lis_softmax(x, iq, scale, bits, n, consts, table, mask=None, offsets=None):
         if offsets is None:
             offsets = mask_offsets(mask, x.shape)
         mptr = ptr(mask)
-    kernels().mmvq_lis(ptr(x), ptr(y), x.numel() // N, N, ptr(iq.scale), ptr(iq.zero_point),
+    _call('lis', ptr(x), ptr(y), x.numel() // N, N, ptr(iq.scale), ptr(iq.zero_point),
                        float(iq.qmin), float(iq.qmax), float(scale), mptr,
                        ptr(offsets) if mask is not None else None, float(x0), float(b_int),
                        float(c_int), int(n), int(bits), ptr(table), threads_for(x.numel()))
-    CALLS['lis'] += 1
     return y
 
 
@@ -358,9 +366,8 @@ def adalog(x, scale, shift, thresholds, levels, lut, unshift):
     entries, see ``fused_cpu.c``; ``lut``: at least ``max(17, levels + 1)``)."""
     x = x.contiguous()
     y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    kernels().mmvq_adalog(ptr(x), ptr(y), x.numel(), ptr(scale), ptr(shift), ptr(thresholds),
+    _call('adalog', ptr(x), ptr(y), x.numel(), ptr(scale), ptr(shift), ptr(thresholds),
                           int(levels), ptr(lut), int(unshift), threads_for(x.numel()))
-    CALLS['adalog'] += 1
     return y
 
 
@@ -373,9 +380,8 @@ def igq(x, q, rows):
     x = x.contiguous()
     if rows:
         m = x.shape[-1] if x.dim() != 4 or q.unit == 'row' else x.shape[2] * x.shape[3]
-        kernels().mmvq_igq_rows(ptr(x), ptr(y), x.numel() // m, m, *args)
+        _call('igq_rows', ptr(x), ptr(y), x.numel() // m, m, *args)
     else:
-        kernels().mmvq_igq_channels(ptr(x), ptr(y), x.shape[0], x.numel() // (x.shape[0] * x.shape[-1]),
-                                    x.shape[-1], *args)
-    CALLS['igq_rows' if rows else 'igq_channels'] += 1
+        _call('igq_channels', ptr(x), ptr(y), x.shape[0], x.numel() // (x.shape[0] * x.shape[-1]),
+              x.shape[-1], *args)
     return y
