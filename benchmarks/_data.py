@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark datasets: stamped, atomic dataset folders."""
+"""Shared helpers of the benchmarks: stamped, atomic dataset folders; result tables."""
 import json
 import os
 import os.path as osp
@@ -31,3 +31,13 @@ def ensure_stamped(out, want, build):
     with open(stamp, 'w') as f:
         json.dump(want, f)
     return out
+
+
+def write_table(work_dir, stem, rows, table):
+    """``<stem>.json`` (the rows) and ``<stem>.md`` (the table) in ``work_dir``,
+    each written atomically; the table is printed."""
+    from mmvq.utils.io import atomic_write_text
+    os.makedirs(work_dir, exist_ok=True)
+    atomic_write_text(json.dumps(rows, indent=2, default=str) + '\n', osp.join(work_dir, stem + '.json'))
+    atomic_write_text(table, osp.join(work_dir, stem + '.md'))
+    print(table)

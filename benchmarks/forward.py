@@ -20,8 +20,6 @@ Writes ``forward.md`` / ``forward.json`` to ``--work-dir``.
 """
 import argparse
 import copy
-import json
-import os
 import os.path as osp
 import sys
 import time
@@ -134,13 +132,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     sys.path.insert(0, ROOT)
     rows = measure(args.methods, args.batch, args.repeats, args.warmup, args.threads)
-    os.makedirs(args.work_dir, exist_ok=True)
-    with open(osp.join(args.work_dir, 'forward.json'), 'w') as f:
-        json.dump(rows, f, indent=2, default=str)
-    table = markdown(rows)
-    with open(osp.join(args.work_dir, 'forward.md'), 'w') as f:
-        f.write(table)
-    print(table)
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    from _data import write_table
+    write_table(args.work_dir, 'forward', rows, markdown(rows))
     return 0
 
 

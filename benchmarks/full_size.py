@@ -255,12 +255,9 @@ def main(argv=None):
                      if r.get('eager_ms') else '')
                   + f', peak {r["q_peak_mb"] / r["fp_peak_mb"]:.2f}x ({time.perf_counter() - t0:.0f} s)',
                   flush=True)
-    with open(osp.join(args.work_dir, 'full_size.json'), 'w') as f:
-        json.dump(rows, f, indent=2, default=str)
-    table = markdown(rows)
-    with open(osp.join(args.work_dir, 'full_size.md'), 'w') as f:
-        f.write(table)
-    print(table)
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    from _data import write_table
+    write_table(args.work_dir, 'full_size', rows, markdown(rows))
     return 0
 
 
