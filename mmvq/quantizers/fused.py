@@ -14,15 +14,15 @@ PTF (fake quant)              ``mmvq_fq`` with ``s 2^alpha``           bit for b
 integer LayerNorm             ``mmvq_int_ln`` (PTF codes + LN, a row)  bit for bit
 LIS (logits quantizer + LIS)  ``mmvq_lis`` (a row of logits)           bit for bit
 IGQ (rows / channels)         ``mmvq_igq_rows`` / ``_channels``        bit for bit
-AdaLog (and shifted)          ``mmvq_adalog`` (threshold count)        see below
+AdaLog (and shifted)          ``mmvq_adalog`` (threshold count)        bit for bit
 ============================  =======================================  ==============
 
-AdaLog: the eager code rounds ``-log2(t) r / q`` computed in float32
-(``log2`` itself within 1 ulp); the kernel counts the exact thresholds
-``t <= 2^(-(j + 1/2) q / r)`` (float64), i.e. rounds the exact logarithm.
-Codes differ only where the eager float32 value lies within its own
-rounding error (a few float32 ulps, ``< 1e-5`` absolute) of a half-integer,
-tested on every element.
+AdaLog: both paths round the exact logarithm, ``round(-log2(t) r / q)`` =
+the number of thresholds ``2^(-(j + 1/2) q / r)`` (float64, rounded down
+to float32) that ``t`` does not exceed; the kernel counts them, the eager
+code corrects its float32 ``log2`` guess with one comparison each side
+(:mod:`mmvq.quantizers.adalog`; the official code's float32 rounding
+differs only within ``1e-5`` of a half-integer).
 
 **Build.** At first use the C source is compiled (``cc -O3 -march=native
 -fopenmp -ffp-contract=off``; no multiply-add contraction, so no product is
