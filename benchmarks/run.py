@@ -12,6 +12,12 @@ FP evaluation's. Rows that miss the project's targets say which::
     python benchmarks/run.py                          # full table, < 30 min on 2 cores
     python benchmarks/run.py --models det --methods uniform_w8a8 --max-eval-images 4
     python benchmarks/run.py --models det --methods fqvit_w8a8_attn4 --profile  # where time goes
+    python benchmarks/run.py --forward        # forward alone: FP / eager / fused (benchmarks/forward.py)
+
+Each quantized model is evaluated twice in its process: with mmvq's fused
+quantizer kernels (the default, "eval time vs FP") and on the eager code
+(``ptq.py --compare-eager``: "eager eval vs FP", and whether the metrics are
+identical, which is a target; ``--no-compare-eager`` skips it).
 
 Each method's config (model config + ``configs/_base_/quant/<method>.py``) is
 written to ``<work-dir>/configs/`` and its exact ``ptq.py`` command to the
