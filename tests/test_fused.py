@@ -305,3 +305,15 @@ def test_gradients_keep_the_eager_code():
     with torch.no_grad():
         copy.deepcopy(q)(x)
     assert sum(fused.CALLS.values()) == n + 1
+
+
+def test_igq_loaded_with_other_group_count_equals_eager():
+    # IGQ allocation changes a layer's group count; a checkpoint brings its
+    # buffers into a quantizer built with the config's count
+    x = F.gelu(torch.randn(6, 20, 32, generator=G) * 2)
+    src = calibrated(IGQQuantizer(bits=4, num_groups=5), x)
+    fresh = IGQQuantizer(bits=4, num_groups=8)
+    fresh.load_state_dict(src.state_dict())
+    fresh.set_mode('quant')
+    out, ref = both(fresh, x)
+    assert fresh.centres.shape[0] == 5 and torch.equal(out, ref) and torch.equal(out, src(x))

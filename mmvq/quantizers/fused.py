@@ -375,7 +375,9 @@ def igq(x, q, rows):
     """Fused IGQ fake quantization: ``rows`` (units are rows of the last
     axis, or of the flattened spatial axes of a 4-D input) or channels."""
     y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    args = (ptr(q.centres), ptr(q.scale), ptr(q.zero_point), q.num_groups, float(q.qmin),
+    # the buffers' length, not ``num_groups``: IGQ allocation gives layers other
+    # group counts, and a loaded checkpoint brings its buffers' shapes
+    args = (ptr(q.centres), ptr(q.scale), ptr(q.zero_point), q.centres.shape[0], float(q.qmin),
             float(q.qmax), threads_for(x.numel()))
     x = x.contiguous()
     if rows:

@@ -172,7 +172,9 @@ class IGQQuantizer(BaseQuantizer):
         return d.argmin(dim=-1)
 
     def fake_quant(self, x):
-        if x.dim() >= 2 and _fused.use_fused(self, x) and self.centres.dtype == torch.float32:
+        if (x.dim() >= 2 and _fused.use_fused(self, x) and self.centres.dtype == torch.float32
+                and self.centres.is_contiguous()
+                and self.scale.numel() == self.zero_point.numel() == self.centres.shape[0]):
             return _fused.igq(x, self, rows=self.unit == 'row' or x.dim() == 4)
         view, mins, maxs, restore = unit_ranges(x, self.unit)
         g = self.assign(mins, maxs)                                   # (I, U)

@@ -282,12 +282,9 @@ def lis_fused(lis, iq, logits, mask=None):
         return None
     a, b, c = POLY
     consts = (math.floor(-LN2 / scale), math.floor(b / a / scale), math.floor(c / a / scale ** 2))
-    levels = 2 ** lis.bits
-    table = lis.__dict__.get('_mmvq_table')
-    if table is None or table.device != logits.device:
-        table = torch.pow(2.0, -torch.arange(levels + 1, dtype=torch.float32, device=logits.device))
-        table[-1] = 0.0
-        lis.__dict__['_mmvq_table'] = table
+    table = lis.pow2_table
+    if table.device != logits.device:
+        return None
     offsets = None
     if mask is not None:
         m = mask.float()
@@ -323,6 +320,11 @@ class LogIntSoftmax(BaseQuantizer):
         super().__init__(check_bits(bits), enabled)
         self.n = n
         self.calibrated.fill_(True)
+        # 2^-k for every code, 0 at index 2^b (the fused kernel's table for
+        # codes past 2^b - 1 at 7-8 bits); follows model.to, not saved
+        table = torch.pow(2.0, -torch.arange(2 ** self.bits + 1, dtype=torch.float32))
+        table[-1] = 0.0
+        self.register_buffer('pow2_table', table, persistent=False)
 
     def observe(self, x):
         pass
