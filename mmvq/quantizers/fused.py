@@ -249,7 +249,7 @@ def _param4d(p, x):
 
 
 def _fq_plan(x, scale, zero_point, qmin, qmax):
-    """The kernel arguments of :func:`fake_quant_affine` for ``x``'s layout
+    """The kernel arguments of :func:`fake_quant_planned` for ``x``'s layout
     (all but the data pointers and the thread count), or ``None``."""
     if not isinstance(zero_point, torch.Tensor) or scale.dtype != torch.float32 \
             or zero_point.dtype != torch.float32:
@@ -285,16 +285,10 @@ def _run_fq(x, plan, inplace=False):
     return y.mT if transposed else y
 
 
-def fake_quant_affine(x, scale, zero_point, qmin, qmax):
-    """Fused :func:`mmvq.quantizers.uniform.fake_quant_affine` (float32
-    tensors ``scale``/``zero_point`` broadcastable to ``x``); ``None`` where
-    the shapes do not fit the kernel (the caller runs the eager code)."""
-    plan = _fq_plan(x, scale, zero_point, qmin, qmax)
-    return None if plan is None else _run_fq(x, plan)
-
-
 def fake_quant_planned(owner, x, params, views, qmin, qmax, inplace=False):
-    """:func:`fake_quant_affine` with its kernel arguments cached on ``owner``
+    """Fused :func:`mmvq.quantizers.uniform.fake_quant_affine` (float32 scale
+    and zero point broadcastable to ``x``; ``None`` where the layout does not
+    fit the kernel and the caller runs the eager code), its kernel arguments cached on ``owner``
     per input layout and per version of the parameter tensors ``params``
     (``views()`` gives the broadcastable scale and zero point on a miss; the
     plan keeps them alive): a call costs a dictionary lookup, an allocation
@@ -320,9 +314,8 @@ def int_layer_norm(x, iq, oq, weight, bias, zero_weight, m_bits=8):
     b = bias.detach().float().contiguous()
     alpha = iq.alpha.long().contiguous()
     _call('int_ln', ptr(x), ptr(y), x.numel() // c, c, ptr(iq.scale), ptr(iq.zero_point),
-                          ptr(alpha), float(iq.qmax), ptr(w), ptr(b), ptr(oq.scale),
-                          ptr(oq.zero_point), float(oq.qmin), float(oq.qmax), int(zero_weight),
-                          m_bits, threads_for(x.numel()))
+          ptr(alpha), float(iq.qmax), ptr(w), ptr(b), ptr(oq.scale), ptr(oq.zero_point),
+          float(oq.qmin), float(oq.qmax), int(zero_weight), m_bits, threads_for(x.numel()))
     return y
 
 
@@ -340,24 +333,18 @@ def mask_offsets(mask, shape):
 
 def lis_softmax(x, iq, scale, bits, n, consts, table, mask=None, offsets=None):
     """Fused logits fake quantization + :func:`mmvq.quantizers.lis.lis_softmax`
-    (float64 path; the caller checks it is exact)."""
+    (float64 path; the caller checks it is exact). ``mask``: float32 with
+    a contiguous last axis of the logits' length, ``offsets`` its
+    :func:`mask_offsets` (:func:`mmvq.quantizers.lis.lis_fused` prepares both)."""
     x = x.contiguous()
     N = x.shape[-1]
     y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     x0, b_int, c_int = consts
-    mptr = None
-    if mask is not None:
-        mask = mask.float()
-        if mask.shape[-1] != N or mask.stride(-1) != 1:
-            mask = mask.expand(x.shape).contiguous()
-            offsets = None
-        if offsets is None:
-            offsets = mask_offsets(mask, x.shape)
-        mptr = ptr(mask)
+    masked = mask is not None
     _call('lis', ptr(x), ptr(y), x.numel() // N, N, ptr(iq.scale), ptr(iq.zero_point),
-                       float(iq.qmin), float(iq.qmax), float(scale), mptr,
-                       ptr(offsets) if mask is not None else None, float(x0), float(b_int),
-                       float(c_int), int(n), int(bits), ptr(table), threads_for(x.numel()))
+          float(iq.qmin), float(iq.qmax), float(scale), ptr(mask) if masked else None,
+          ptr(offsets) if masked else None, float(x0), float(b_int), float(c_int), int(n),
+          int(bits), ptr(table), threads_for(x.numel()))
     return y
 
 
@@ -367,7 +354,7 @@ def adalog(x, scale, shift, thresholds, levels, lut, unshift):
     x = x.contiguous()
     y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     _call('adalog', ptr(x), ptr(y), x.numel(), ptr(scale), ptr(shift), ptr(thresholds),
-                          int(levels), ptr(lut), int(unshift), threads_for(x.numel()))
+          int(levels), ptr(lut), int(unshift), threads_for(x.numel()))
     return y
 
 
