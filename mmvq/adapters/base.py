@@ -149,6 +149,28 @@ class BaseAdapter:
                         yield Site(name, module, QuantResidualBlock, {},
                                    kwargs=dict(norms=norms), option='residual_stream')
 
+    def blocks(self, backbone, prefix):
+        """Yield ``(name, module, kind)`` of the units block reconstruction
+        optimises (:mod:`mmvq.calibration.recon`), in forward order: the patch
+        embedding (``'patch_embed'``), every residual block (``'block'``) and
+        every patch merging (``'merging'``), none inside another."""
+        block_types = tuple(self.residual_blocks) + tuple(self.patch_merging)
+        taken = []
+        for name, module in backbone.named_modules(prefix=prefix):
+            if any(name.startswith(t + '.') for t in taken):
+                continue
+            rel = name[len(prefix) + 1:] if prefix else name
+            if rel == 'patch_embed':
+                kind = 'patch_embed'
+            elif self.patch_merging and isinstance(module, tuple(self.patch_merging)):
+                kind = 'merging'
+            elif block_types and isinstance(module, block_types):
+                kind = 'block'
+            else:
+                continue
+            taken.append(name)
+            yield name, module, kind
+
 
 TASKS = (('mmpretrain.models.classifiers', 'BaseClassifier', 'classification'),
          ('mmdet.models.detectors', 'BaseDetector', 'detection'))

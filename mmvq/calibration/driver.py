@@ -150,6 +150,8 @@ def run_calibration(model, samples, forward_fn, searches=(), logger=None, progre
         log(f'[mmvq] initial quantization parameters in {times["init_params"]:.2f} s')
         for search in searches:
             t0 = time.perf_counter()
+            if hasattr(search, 'bind'):          # stages that run forwards of their own
+                search.bind(samples, forward_fn)
             try:
                 search.run(model, log)
             finally:

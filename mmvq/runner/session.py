@@ -88,6 +88,18 @@ class PTQSession:
             runner.logger.info(
                 f'[mmvq] calibration: {self.calib_images} images of the {self.calib_split} split, '
                 f'seed {self.seed} ({self.calib_source}); scope {self.scope}')
+            for s in self.searches:
+                # stages recording on images of their own (block reconstruction:
+                # 1,024 / 256): the same split and seed, so they start with the
+                # calibration images
+                want = s.wanted_images(self.task) if hasattr(s, 'wanted_images') else None
+                if want and want != self.calib_images:
+                    own = CalibrationSamples(
+                        loader, runner.cfg.test_dataloader.dataset.pipeline, want, self.seed,
+                        self.calib_split, source=f'quant.searches {s.name} images')
+                    s.use_samples(own)
+                    runner.logger.info(f'[mmvq] {s.name}: {len(own)} images of the '
+                                       f'{self.calib_split} split ({own.source})')
         self.summary = None
 
     @property
