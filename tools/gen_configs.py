@@ -152,6 +152,25 @@ def mixed(b):
 """)
 
 
+def recon(method):
+    """``method`` + block reconstruction (its searches, then ``block_recon``)."""
+    body = METHODS[method][1]
+    title = body.split("name='", 1)[1].split("'", 1)[0]
+    searches = ''
+    if 'searches=[' in body:
+        searches = body.split('searches=[', 1)[1].rsplit('],', 1)[0] + ', '
+    return (f'{title} + block reconstruction (AdaRound rounding, LSQ activation scales;\n'
+            "# QDrop on detectors): AdaLog's \"Retrain\" on 1,024 images for a classifier, APHQ-ViT's\n"
+            '# on 256 images for a detector, 20,000 steps per block on a GPU (300 on a CPU: a\n'
+            '# documented deviation, set iters=20000 to lift it). Calibration as the base block.',
+            f"""_base_ = ['./{method}.py']
+quant = dict(
+    name='{title} + block reconstruction',
+    searches=[{searches}dict(type='block_recon')],
+)
+""")
+
+
 METHODS = {
     'uniform_w4a4': uniform(4), 'uniform_w6a6': uniform(6), 'uniform_w8a8': uniform(8),
     'fqvit_w8a8_attn4': fqvit(4), 'fqvit_w8a8_attn8': fqvit(8),
@@ -159,6 +178,10 @@ METHODS = {
     'igq_w4a4_g8': igq(4, 8), 'igq_w4a4_g12': igq(4, 12), 'igq_w6a6_g8': igq(6, 8),
     'igq_w6a6_g12': igq(6, 12), 'mixed_w4a4': mixed(4),
 }
+# block reconstruction on the 4- and 3-bit blocks
+RECON = ('uniform_w4a4', 'adalog_w3a3', 'adalog_w4a4', 'igq_w4a4_g8', 'igq_w4a4_g12',
+         'mixed_w4a4')
+METHODS.update({f'{m}_recon': recon(m) for m in RECON})
 # short method suffix used in drop-in config names
 SHORT = {k: k for k in METHODS}
 SHORT['fqvit_w8a8_attn4'] = 'fqvit'

@@ -83,8 +83,13 @@ from ..utils.progress import progress_bar
 from .search import BaseSearch
 
 ZETA, GAMMA = 1.1, -0.1
-TASK_DEFAULTS = dict(classification=dict(images=1024, drop_prob=0.0),
-                     detection=dict(images=256, drop_prob=0.5))
+# classification: AdaLog's BlockReconstructor (1,024 images, batches of 32);
+# detection: APHQ-ViT (256 COCO images, QDrop); its batch size is not in our
+# reference notes: 2 images a step (a 1333x800 Swin stage-1 block holds
+# ~17k tokens an image; 32 would not fit an accelerator's memory with autograd)
+TASK_DEFAULTS = dict(classification=dict(images=1024, drop_prob=0.0, batch_size=32),
+                     detection=dict(images=256, drop_prob=0.5, batch_size=2))
+OTHER_DEFAULTS = dict(images=None, drop_prob=0.0, batch_size=32)
 
 
 def _world():
@@ -341,7 +346,8 @@ class BlockReconstruction(BaseSearch):
 
     Args:
         iters (int | None): steps per unit (reference 20,000; CPU preset 300).
-        batch_size (int): rows per step (32).
+        batch_size (int | None): rows (images, for a backbone block) per step
+            (default 32 for a classifier, AdaLog's; 2 for a detector).
         images (int | None): images whose unit inputs are recorded (default:
             1,024 for a classifier, 256 for a detector, as the references;
             the PTQ session draws them from the calibration split with the
@@ -363,16 +369,20 @@ class BlockReconstruction(BaseSearch):
         store_device (str): ``'cpu'`` (records on the host) or ``'same'``.
         store_mb (int): records kept at once; more units take more passes.
         eval_rows (int): rows the before/after block error is measured on.
+        keep_best (bool): keep the calibrated rounding and scales of a unit
+            whose block error (hard rounding, first ``eval_rows`` rows) the
+            reconstruction raised (too few steps; never on the references'
+            20,000 in our runs); recorded as ``reverted``.
         budget_preset (str): ``'auto'``, ``'cpu'`` or ``'accelerator'``.
     """
 
     name = 'block_recon'
     PRESETS = dict(cpu=dict(iters=300), accelerator=dict(iters=20000))
 
-    def __init__(self, iters=None, batch_size=32, images=None, weight=0.01, b_range=(20, 2),
+    def __init__(self, iters=None, batch_size=None, images=None, weight=0.01, b_range=(20, 2),
                  warmup=0.2, lr=1e-3, act_lr=4e-5, learn_act_scale=True, drop_prob=None, p=2.0,
                  head_loss='kl', units=None, seed=0, store_device='cpu', store_mb=4096,
-                 eval_rows=256, budget_preset='auto'):
+                 eval_rows=256, keep_best=True, budget_preset='auto'):
         if store_device not in ('cpu', 'same'):
             raise ValueError(f"block_recon store_device={store_device!r}: use 'cpu' or 'same'")
         if head_loss not in ('kl', 'mse'):
@@ -385,7 +395,10 @@ class BlockReconstruction(BaseSearch):
             raise ValueError(f'block_recon images={images!r}: use a positive integer')
         self._explicit = dict(iters=iters)
         self._preset = budget_preset
-        self.batch_size = int(batch_size)
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f'block_recon batch_size={batch_size!r}: use a positive integer')
+        self.batch_size = batch_size
+        self.keep_best = bool(keep_best)
         self.images = images
         self.weight, self.b_range, self.warmup = float(weight), tuple(b_range), float(warmup)
         self.lr, self.act_lr = float(lr), float(act_lr)
@@ -523,10 +536,12 @@ class BlockReconstruction(BaseSearch):
             raise RuntimeError('block_recon needs the calibration data: run it through '
                                'mmvq.calibrate / run_calibration / PTQLoop')
         task = model_task(model)
-        defaults = TASK_DEFAULTS.get(task, dict(drop_prob=0.0))
+        defaults = TASK_DEFAULTS.get(task, OTHER_DEFAULTS)
         drop = defaults['drop_prob'] if self.drop_prob is None else self.drop_prob
+        batch = defaults['batch_size'] if self.batch_size is None else self.batch_size
+        self._batch = batch
         units = self.units(model)
-        self.report = dict(images=len(self.samples), iters=self.iters, batch_size=self.batch_size,
+        self.report = dict(images=len(self.samples), iters=self.iters, batch_size=batch,
                            weight=self.weight, b_range=list(self.b_range), warmup=self.warmup,
                            lr=self.lr, act_lr=self.act_lr, learn_act_scale=self.learn_act_scale,
                            drop_prob=drop, loss='mse/10 (kl for a classifier head)',
@@ -548,8 +563,9 @@ class BlockReconstruction(BaseSearch):
                     stats = self.reconstruct(unit, rec, loss_kind, drop, name)
                     stats.update(kind=kind, seconds=round(time.perf_counter() - t0, 3))
                     self.report['units'][name] = stats
+                    kept = ' (kept the calibrated parameters)' if stats['reverted'] else ''
                     log(f'[mmvq] block_recon {name}: block error {stats["error_before"]:.4g} '
-                        f'-> {stats["error_after"]:.4g} ({stats["rows"]} rows, '
+                        f'-> {stats["error_after"]:.4g}{kept} ({stats["rows"]} rows, '
                         f'{stats["flipped"]:.1%} of roundings changed, {stats["seconds"]:.1f} s)')
         finally:
             model.train(was_training)
@@ -611,6 +627,7 @@ class BlockReconstruction(BaseSearch):
                         swaps.append((parent, attr, child))
                         setattr(parent, attr, act)
                         acts.append(act)
+            act_scales = [a.quantizer.scale.detach().clone() if a.learn else None for a in acts]
             iters = self.iters
             w_opt = torch.optim.Adam([a.alpha for a in rounding], lr=self.lr)
             a_params = [a.scale for a in acts if a.learn]
@@ -623,7 +640,7 @@ class BlockReconstruction(BaseSearch):
                 a.drop = True
             bar = progress_bar(iters, f'block_recon {name}') if iters else None
             for it in range(1, iters + 1):
-                index = torch.randperm(rec.rows, generator=cpu_gen)[:self.batch_size]
+                index = torch.randperm(rec.rows, generator=cpu_gen)[:self._batch]
                 w_opt.zero_grad(set_to_none=True)
                 if a_opt is not None:
                     a_opt.zero_grad(set_to_none=True)
@@ -666,9 +683,21 @@ class BlockReconstruction(BaseSearch):
                 p.requires_grad_(flag)
         set_quant_mode(unit, 'quant')
         error_after = self._error(unit, rec, loss_kind, device)
+        reverted = self.keep_best and error_after > error_before
+        if reverted:
+            # worse than the calibrated parameters on the data it optimised
+            # (too few steps for the annealing): keep the calibration's
+            with torch.no_grad():
+                for m, _, _ in swaps[:len(rounding)]:
+                    m.weight.copy_(self._float_weights.pop(m))
+                for act, scale in zip(acts, act_scales):
+                    if act.learn:
+                        act.quantizer.scale.copy_(scale)
+            flipped = 0
         set_quant_mode(unit, 'calib')
         return dict(rows=rec.rows, iters=self.iters, error_before=error_before,
-                    error_after=error_after, flipped=flipped / max(1, total),
+                    error_after=error_after, reverted=bool(reverted),
+                    flipped=flipped / max(1, total),
                     weights=total, act_scales_learned=sum(1 for a in acts if a.learn),
                     loss=loss_kind)
 
