@@ -15,9 +15,16 @@ import mmvq
 from helpers import CONFIGS
 from mmvq.calibration.driver import finalize, initialise_parameters, observe
 
-DET = sorted(glob.glob(osp.join(CONFIGS, '*.py')))
-CLS = sorted(glob.glob(osp.join(CONFIGS, 'cls', '*.py')))
+DET_ALL = sorted(glob.glob(osp.join(CONFIGS, '*.py')))
+CLS_ALL = sorted(glob.glob(osp.join(CONFIGS, 'cls', '*.py')))
 QUANT_BLOCKS = sorted(glob.glob(osp.join(CONFIGS, '_base_', 'quant', '*.py')))
+# a *_recon config is its base config + the block_recon stage (checked by
+# test_recon_config against its base); the forward tests run the bases
+DET = [p for p in DET_ALL if not p.endswith('_recon.py')]
+CLS = [p for p in CLS_ALL if not p.endswith('_recon.py')]
+RECON = [p for p in DET_ALL + CLS_ALL if p.endswith('_recon.py')]
+RECON_METHODS = ('uniform_w4a4', 'adalog_w3a3', 'adalog_w4a4', 'igq_w4a4_g8', 'igq_w4a4_g12',
+                 'mixed_w4a4')
 
 
 def test_matrix_is_complete():
@@ -28,7 +35,36 @@ def test_matrix_is_complete():
                'igq_w4a4_g12', 'igq_w6a6_g8', 'igq_w6a6_g12', 'uniform_w4a4', 'uniform_w6a6',
                'uniform_w8a8', 'mixed_w4a4')
     assert names == {f'{m}_{k}' for m in models for k in methods}
-    assert len(CLS) == 7 * len(methods) and len(QUANT_BLOCKS) == len(methods)
+    assert len(CLS) == 7 * len(methods)
+    recon = {osp.basename(p)[:-3] for p in RECON}
+    assert recon == {f'{m}_{k}_recon' for m in models + ('vit_b', 'deit_t', 'deit_s', 'deit_b',
+                                                          'swin_t', 'swin_s', 'swin_b')
+                     for k in RECON_METHODS}
+    assert len(QUANT_BLOCKS) == len(methods) + len(RECON_METHODS)
+
+
+@pytest.mark.parametrize('path', RECON, ids=lambda p: osp.basename(p)[:-3])
+def test_recon_config(path):
+    """Same model, calibration and quantizers as the base config; its
+    searches, then block reconstruction with the references' defaults."""
+    from mmengine.config import Config
+    from mmvq.calibration import build_search
+    from mmvq.schema import validate_qcfg
+    cfg, base = Config.fromfile(path), Config.fromfile(path[:-len('_recon.py')] + '.py')
+    validate_qcfg(cfg.quant)
+    q, qb = cfg.quant.to_dict(), base.quant.to_dict()
+    assert cfg.model == base.model and cfg.train_dataloader == base.train_dataloader
+    assert q['name'] == qb['name'] + ' + block reconstruction'
+    assert q['searches'][:-1] == qb.get('searches', [])
+    assert q['searches'][-1] == dict(type='block_recon')
+    assert {k: v for k, v in q.items() if k not in ('name', 'searches')} == \
+        {k: v for k, v in qb.items() if k not in ('name', 'searches')}
+    stage = build_search(q['searches'][-1])
+    assert stage.wanted_images('classification') == 1024 and stage.wanted_images('detection') == 256
+    stage.set_device('cuda')                # the accelerator preset is the reference's
+    assert stage.iters == 20000 and stage.budget['differs_from_reference'] == []
+    stage.set_device('cpu')
+    assert stage.iters == 300 and stage.budget['differs_from_reference'] == ['iters']
 
 
 def _quantize_and_run(model, batch, forward):

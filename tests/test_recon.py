@@ -80,7 +80,7 @@ def test_regulariser_schedule_and_losses_hand_computed():
     h0 = 0.5 * (ZETA - GAMMA) + GAMMA                         # sigmoid(0) = 0.5 -> 0.5
     h1 = min(1.0, 1 / (1 + math.exp(-10)) * (ZETA - GAMMA) + GAMMA)
     expect = (1 - abs(2 * h0 - 1) ** 2) + (1 - abs(2 * h1 - 1) ** 2)
-    assert float(ada.regulariser(2.0)) == pytest.approx(expect, rel=1e-6)
+    assert float(ada.regulariser(2.0).detach()) == pytest.approx(expect, rel=1e-6)
     pred, tgt = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]]), torch.zeros(1, 2, 2)
     # sum over dim 1, mean over the rest, / 10: ((1 + 0) + (4 + 0)) / 2 / 10
     assert float(recon_loss(pred, tgt)) == pytest.approx(0.25)
@@ -149,17 +149,18 @@ def _block_error(model, name, data, forward):
     float model's inputs to it (hooks; independent of the stage's report)."""
     block = model.get_submodule(name)
     ins, outs = [], []
-    h = block.register_forward_hook(lambda m, a, o: (ins.append(a[0]), outs.append(o)))
+    def hook(m, a, o):
+        ins.append(a[0])
+        outs.append(o)
+    h = block.register_forward_hook(hook)
     mmvq.set_quant_mode(model, 'float')
     with torch.no_grad():
         for x in data:
             forward(model, x)
     h.remove()
-    float_w = {}
     mmvq.set_quant_mode(model, 'quant')
     with torch.no_grad():
         err = sum(float((block(i) - o).pow(2).mean()) for i, o in zip(ins, outs))
-    del float_w
     return err / len(ins)
 
 
@@ -190,10 +191,13 @@ def test_recon_lowers_the_block_output_error(vit_pair):
     assert torch.equal(base.backbone.patch_embed.projection.weight,
                        rec.backbone.patch_embed.projection.weight)
     # weights are the learned integers times the scale: fixed points of their quantizers
-    for m in rec.modules():
+    checked = 0
+    for name, m in rec.named_modules():
         wq = getattr(m, 'weight_quantizer', None)
-        if isinstance(wq, UniformQuantizer) and 'layers' in str(getattr(m, 'site_name', 'layers')):
-            assert torch.equal(wq(m.weight.detach()), m.weight.detach())
+        if isinstance(wq, UniformQuantizer) and name.startswith(('backbone.layers.', 'head.')):
+            assert torch.equal(wq(m.weight.detach()), m.weight.detach()), name
+            checked += 1
+    assert checked == 6 * 4 + 1
 
 
 def test_recon_survives_save_and_load_bit_for_bit(vit_pair, tmp_path):
