@@ -245,13 +245,32 @@ def test_detector_units_and_qdrop_default():
     model, data, forward = tiny_detector_case()
     qcfg['scope'] = 'backbone'
     mmvq.convert(model, qcfg)
-    stage = BlockReconstruction(iters=3, units=['backbone.stages.0.blocks.0', 'backbone.patch_embed'])
+    # the accelerator preset: APHQ's QDrop (0.5) and 2 images a step
+    stage = BlockReconstruction(iters=3, units=['backbone.stages.0.blocks.0', 'backbone.patch_embed'],
+                                budget_preset='accelerator')
     before = model.backbone.stages[0].blocks[0].attn.w_msa.qkv.weight.detach().clone()
     mmvq.calibrate(model, data, forward, [stage])
     assert stage.report['drop_prob'] == 0.5 and stage.report['batch_size'] == 2
+    assert stage.report['qdrop_off_on_cpu'] is None and 'drop_prob' not in stage.deviations()
     assert set(stage.report['units']) == {'backbone.stages.0.blocks.0', 'backbone.patch_embed'}
     after = model.backbone.stages[0].blocks[0].attn.w_msa.qkv.weight
     assert after.shape == before.shape and torch.isfinite(after).all()
     with torch.no_grad():
         out = forward(model, data[0])
     assert all(torch.isfinite(t).all() for t in out)
+
+
+def test_cpu_preset_leaves_qdrop_off_and_says_so():
+    model, data, forward = tiny_detector_case()
+    mmvq.convert(model, quant_block('uniform_w4a4'))
+    stage = BlockReconstruction(iters=2, units=['backbone.patch_embed'])
+    mmvq.calibrate(model, data, forward, [stage])
+    assert stage.report['drop_prob'] == 0.0 and stage.report['qdrop_off_on_cpu'] == 0.5
+    line = stage.deviations()
+    assert 'iters=2 (paper: 20000)' in line and 'drop_prob=0 (paper: 0.5' in line
+    # given explicitly, QDrop runs on the CPU too
+    model, data, forward = tiny_detector_case()
+    mmvq.convert(model, quant_block('uniform_w4a4'))
+    stage = BlockReconstruction(iters=2, units=['backbone.patch_embed'], drop_prob=0.5)
+    mmvq.calibrate(model, data, forward, [stage])
+    assert stage.report['drop_prob'] == 0.5 and 'drop_prob' not in stage.deviations()
