@@ -600,7 +600,7 @@ class BlockReconstruction(BaseSearch):
     def _error(self, unit, rec, loss_kind, device):
         """Mean reconstruction loss of ``unit`` (quant mode) on the first rows."""
         n = min(rec.rows, self.eval_rows)
-        index = torch.arange(n)
+        index = torch.arange(n, device='cpu')              # host-side row numbers
         total = 0.0
         with torch.no_grad():
             for args, kwargs, outs, k in rec.batch(index, device):
@@ -665,7 +665,7 @@ class BlockReconstruction(BaseSearch):
                 a.drop = True
             bar = progress_bar(iters, f'block_recon {name}') if iters else None
             for it in range(1, iters + 1):
-                index = torch.randperm(rec.rows, generator=cpu_gen)[:self._batch]
+                index = torch.randperm(rec.rows, generator=cpu_gen, device='cpu')[:self._batch]
                 w_opt.zero_grad(set_to_none=True)
                 if a_opt is not None:
                     a_opt.zero_grad(set_to_none=True)

@@ -80,8 +80,8 @@ def test_hand_driven_calibration_equals_the_driver():
 
 
 def test_searches_are_built_from_the_registry():
-    assert set(SEARCHES.module_dict) == {'fpcs', 'igq_allocation'}
+    assert set(SEARCHES.module_dict) == {'block_recon', 'fpcs', 'igq_allocation'}
     fpcs = build_search(dict(type='fpcs', steps=4))
     assert fpcs.name == 'fpcs' and fpcs.steps == 4 and build_search(fpcs) is fpcs
-    with pytest.raises(KeyError, match=r"unknown search 'fpc'; use one of \['fpcs', 'igq_allocation'\]"):
+    with pytest.raises(KeyError, match=r"unknown search 'fpc'; use one of \['block_recon', 'fpcs', 'igq_allocation'\]"):
         build_search(dict(type='fpc'))
