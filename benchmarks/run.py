@@ -9,7 +9,8 @@ to FP, calibration wall time, eval time per image as a ratio to FP *measured in
 the same process*, and peak RSS of the quantized evaluation as a ratio to the
 FP evaluation's. Rows that miss the project's targets say which::
 
-    python benchmarks/run.py                          # full table, < 30 min on 2 cores
+    python benchmarks/run.py                          # full table, ~70 min on 2 cores
+    python benchmarks/run.py --methods adalog_w4a4 adalog_w4a4_recon   # with / without block reconstruction
     python benchmarks/run.py --models det --methods uniform_w8a8 --max-eval-images 4
     python benchmarks/run.py --models det --methods fqvit_w8a8_attn4 --profile  # where time goes
     python benchmarks/run.py --forward        # forward alone: FP / eager / fused (benchmarks/forward.py)

@@ -31,7 +31,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _calibrate(rank, world, port, out):
+def _start(rank, world, port, size):
+    """Join the gloo group (world > 1); a seeded small Swin and 5 images."""
     torch.set_num_threads(1)
     if world > 1:
         os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
@@ -42,7 +43,11 @@ def _calibrate(rank, world, port, out):
                             out_indices=(0, 1), init_cfg=None)
     model.eval()
     g = torch.Generator().manual_seed(1)
-    samples = [torch.randn(1, 3, 112, 112, generator=g) for _ in range(5)]
+    return model, [torch.randn(1, 3, size, size, generator=g) for _ in range(5)]
+
+
+def _calibrate(rank, world, port, out):
+    model, samples = _start(rank, world, port, 112)
     mmvq.convert(model, MIXED)
     run_calibration(model, samples, lambda m, x: m(x), [FPCS(steps=3), IGQAllocation(candidates=(2, 4, 8), budget_groups=4)])
     torch.save(model.state_dict(), f'{out}.{world}.{rank}.pth')
@@ -109,19 +114,8 @@ def test_dist_ptq_cli_two_processes_equal_one(coco_mini, tmp_path):
 
 
 def _reconstruct(rank, world, port, out):
-    torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-        dist.init_process_group('gloo', rank=rank, world_size=world)
-    from mmdet.models.backbones import SwinTransformer
-
     from mmvq.calibration import BlockReconstruction
-    torch.manual_seed(0)
-    model = SwinTransformer(embed_dims=32, depths=[2, 2], num_heads=[1, 2], window_size=7,
-                            out_indices=(0, 1), init_cfg=None)
-    model.eval()
-    g = torch.Generator().manual_seed(1)
-    samples = [torch.randn(1, 3, 56, 56, generator=g) for _ in range(5)]
+    model, samples = _start(rank, world, port, 56)
     w4 = dict(type='UniformQuantizer', bits=4, symmetric=True, granularity='channel', ch_axis=0)
     mmvq.convert(model, dict(scope='backbone', roles=dict(weight=w4, act=A4)))
     stage = BlockReconstruction(iters=6, batch_size=3, units=['stages.0.*', 'patch_embed'])
