@@ -208,12 +208,11 @@ def _has_uniform_weight(unit):
                and m.weight_quantizer.enabled for m in unit.modules())
 
 
-def find_units(model, scope):
-    """``(name, module, kind)`` of the units to reconstruct, in forward order
-    of the backbone: patch embedding, blocks, patch merging (the adapter's);
-    with ``scope='model'`` also the outermost called modules outside the
-    backbone (a classifier's head, a detector's neck and heads; see
-    :func:`outer_units`)."""
+def find_units(model):
+    """``(name, module, kind)`` of the backbone's units, in forward order:
+    patch embedding, blocks, patch merging (the adapter's
+    :meth:`~mmvq.adapters.base.BaseAdapter.blocks`) holding a uniform weight
+    quantizer; the units outside the backbone are :func:`outer_units`."""
     from ..adapters import find_adapter
     backbone = getattr(model, 'backbone', None)
     prefix = 'backbone' if isinstance(backbone, nn.Module) else ''
@@ -455,10 +454,12 @@ class BlockReconstruction(BaseSearch):
         pass
 
     def units(self, model):
-        scope = (getattr(model, '_mmvq_qcfg', None) or {}).get('scope', 'auto')
+        """Units to reconstruct: the backbone's, and with a scope beyond the
+        backbone the called modules outside it; filtered by ``units``."""
         from ..conversion import resolve_scope
-        units = find_units(model, resolve_scope(model, scope))
-        if resolve_scope(model, scope) != 'backbone' and getattr(model, 'backbone', None) is not None:
+        scope = resolve_scope(model, (getattr(model, '_mmvq_qcfg', None) or {}).get('scope', 'auto'))
+        units = find_units(model)
+        if scope != 'backbone' and getattr(model, 'backbone', None) is not None:
             units += outer_units(model, self.samples, self.forward_fn)
         if self.unit_patterns:
             units = [u for u in units if any(fnmatch.fnmatch(u[0], p) for p in self.unit_patterns)]
