@@ -611,6 +611,7 @@ class BlockReconstruction(BaseSearch):
                                  for a, b in zip(pred, outs))
         return total / max(1, n)
 
+    @torch.enable_grad()      # also under a caller's no_grad (calibration usually runs in one)
     def reconstruct(self, unit, rec, loss_kind, drop_prob, name=''):
         """Learn one unit's rounding (and activation scales); fold them.
 
