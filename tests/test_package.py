@@ -12,7 +12,7 @@ def test_import_registers_every_quantizer_and_wrapper():
     import torch.nn as nn
     assert {'UniformQuantizer', 'PTFQuantizer', 'LogIntSoftmax', 'AdaLogQuantizer',
             'IGQQuantizer'} <= set(QUANTIZERS.module_dict)
-    assert {'fpcs', 'igq_allocation'} == set(SEARCHES.module_dict)
+    assert {'block_recon', 'fpcs', 'igq_allocation'} == set(SEARCHES.module_dict)
     assert HOOKS.parent is MMENGINE_HOOKS and HOOKS.scope == 'mmvq' and 'PTQHook' in HOOKS
     assert LOOPS.parent is MMENGINE_LOOPS and LOOPS.scope == 'mmvq' and 'PTQLoop' in LOOPS
     for cls in (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Softmax):
