@@ -83,6 +83,7 @@ from ..quantizers.base import BaseQuantizer
 from ..quantizers.uniform import UniformQuantizer
 from ..registry import SEARCHES
 from ..utils.progress import progress_bar
+from .driver import _to_host, _world
 from .search import BaseSearch
 
 ZETA, GAMMA = 1.1, -0.1
@@ -93,12 +94,6 @@ ZETA, GAMMA = 1.1, -0.1
 TASK_DEFAULTS = dict(classification=dict(images=1024, drop_prob=0.0, batch_size=32),
                      detection=dict(images=256, drop_prob=0.5, batch_size=2))
 OTHER_DEFAULTS = dict(images=None, drop_prob=0.0, batch_size=32)
-
-
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # --------------------------------------------------------------- learnables
@@ -307,16 +302,6 @@ def _store(v, store):
     return v.to(store, copy=True) if store is not None else v.clone()
 
 
-def _host(obj):
-    if torch.is_tensor(obj):
-        return obj.cpu()
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_host(v) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _host(v) for k, v in obj.items()}
-    return obj
-
-
 # ---------------------------------------------------------------- the stage
 class LinearTempDecay:
     """``beta``: ``start`` until ``warmup * t_max``, then linear to ``end``."""
@@ -494,7 +479,7 @@ class BlockReconstruction(BaseSearch):
                 self._pass(model, chunk, part, range(rank, n, world), store)
                 if world > 1:
                     gathered = [None] * world
-                    dist.all_gather_object(gathered, {k: _host(r.calls) for k, r in part.items()})
+                    dist.all_gather_object(gathered, {k: _to_host(r.calls) for k, r in part.items()})
                     for k, r in part.items():
                         calls = {}
                         for g in gathered:
