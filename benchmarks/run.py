@@ -66,9 +66,11 @@ MODELS = dict(
                 calib_images=32, eval_repeats=1, max_eval_images=500,
                 data='data/fashion_mnist', make_data=fashion_mnist.ensure,
                 data_kwargs=fashion_mnist.DEFAULT, cosine=True,
-                # 12 blocks of 384 x 257 tokens: reconstruction on this CPU runs with
-                # fewer images / steps than the tiny models (recorded per run)
-                recon=dict(images=256, batch_size=16, iters=100)),
+                # 12 blocks of 384 x 257 tokens on 2 cores: FPCS on fewer cached attention
+                # maps / tokens, reconstruction on fewer images / steps than the tiny
+                # models (explicit budgets, recorded in each results.json)
+                searches=dict(fpcs=dict(max_windows=4, max_tokens=256),
+                              block_recon=dict(images=256, batch_size=16, iters=100))),
 )
 DEFAULT_MODELS = ['det', 'cls']
 METHODS = ('uniform_w8a8', 'uniform_w6a6', 'uniform_w4a4', 'fqvit_w8a8_attn4', 'adalog_w3a3',
@@ -81,14 +83,16 @@ SCOPE_TEXT = dict(model='whole model quantized (a classifier\'s head included, a
                   backbone='backbone quantized (neck and heads float)')
 
 
-def recon_searches(method, overrides):
-    """The block's ``searches`` with ``overrides`` in its ``block_recon`` stage."""
+def searches_with(method, overrides):
+    """The block's ``searches`` with ``overrides[type]`` merged into each stage
+    (``None`` when no stage of the block is overridden)."""
     from mmengine.config import Config
     quant = Config.fromfile(osp.join(ROOT, 'configs', '_base_', 'quant', method + '.py')).quant
-    searches = [dict(s) for s in quant.searches]
+    searches = [dict(s) for s in quant.get('searches', [])]
+    if not any(s['type'] in overrides for s in searches):
+        return None
     for s in searches:
-        if s['type'] == 'block_recon':
-            s.update(overrides)
+        s.update(overrides.get(s['type'], {}))
     return searches
 
 
@@ -106,8 +110,9 @@ def write_config(work_dir, model, method, spec, data_root):
         if model == 'det':
             lines.append(f"val_evaluator = dict(ann_file={root + 'annotations/instances_val.json'!r})")
             lines.append('test_evaluator = val_evaluator')
-    if spec.get('recon') and method.endswith('_recon'):
-        lines.append(f'quant = dict(searches={recon_searches(method, spec["recon"])!r})')
+    searches = searches_with(method, spec['searches']) if spec.get('searches') else None
+    if searches is not None:
+        lines.append(f'quant = dict(searches={searches!r})')
     with open(path, 'w') as f:
         f.write('\n'.join(lines) + '\n')
     return path

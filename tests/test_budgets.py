@@ -11,24 +11,27 @@ def test_presets_by_device_and_explicit_values_win():
     f = FPCS()
     assert f.budget == dict(device='cpu', preset='cpu', max_tokens=512, max_windows=32,
                             uniform_width=8, macs_per_candidate=1 << 24,
-                            differs_from_reference=['macs_per_candidate', 'max_tokens',
+                            matmul_macs_per_candidate=1 << 26,
+                            differs_from_reference=['macs_per_candidate',
+                                                    'matmul_macs_per_candidate', 'max_tokens',
                                                     'max_windows', 'uniform_width'])
     from mmvq.calibration.budget import describe_deviations
     assert describe_deviations('fpcs', f.budget, FPCS.PRESETS) == (
         "[mmvq] fpcs ran with budgets below the paper's on cpu: macs_per_candidate=16777216 "
-        '(paper: all), max_tokens=512 (paper: all), max_windows=32 (paper: all), '
+        '(paper: all), matmul_macs_per_candidate=67108864 (paper: all), max_tokens=512 (paper: all), max_windows=32 (paper: all), '
         'uniform_width=8 (paper: 16)')
     f.set_device(torch.device('cuda', 0))               # only the device's type is read
     assert f.budget == dict(device='cuda:0', preset='accelerator', max_tokens=None,
                             max_windows=None, uniform_width=16, macs_per_candidate=None,
-                            differs_from_reference=[])
+                            matmul_macs_per_candidate=None, differs_from_reference=[])
     assert describe_deviations('fpcs', f.budget, FPCS.PRESETS) is None
     assert f.max_tokens is None and f.uniform_width == 16
     g = FPCS(max_tokens=4096)
     g.set_device('cuda')
     assert g.max_tokens == 4096 and g.max_windows is None and g.budget['preset'] == 'accelerator'
     assert g.budget['differs_from_reference'] == ['max_tokens']
-    h = FPCS(max_tokens=1, max_windows=2, uniform_width=3, macs_per_candidate=4)
+    h = FPCS(max_tokens=1, max_windows=2, uniform_width=3, macs_per_candidate=4,
+             matmul_macs_per_candidate=5)
     h.set_device('cuda')
     assert h.budget['preset'] == 'explicit'
     a = IGQAllocation()
@@ -45,7 +48,7 @@ def test_budget_preset_chooses_the_reference_budgets_on_any_device():
     f = FPCS(budget_preset='accelerator')
     assert f.budget == dict(device='cpu', preset='accelerator', max_tokens=None,
                             max_windows=None, uniform_width=16, macs_per_candidate=None,
-                            differs_from_reference=[])
+                            matmul_macs_per_candidate=None, differs_from_reference=[])
     assert f.max_tokens is None and f.macs_per_candidate is None
     g = FPCS(budget_preset='cpu', uniform_width=16)
     g.set_device('cuda')
@@ -54,6 +57,23 @@ def test_budget_preset_chooses_the_reference_budgets_on_any_device():
     assert (a.max_tokens, a.max_windows) == (None, None)
     with pytest.raises(ValueError, match="budget_preset must be one of auto, cpu, accelerator"):
         FPCS(budget_preset='paper')
+
+
+def test_attention_search_strides_query_rows_only_above_its_budget():
+    """The CPU preset's attention-matmul bound: below it (the tiny models, Swin
+    windows) every query row is scored; above it (a ViT-S/14 at 224 px) every
+    k-th row, k the smallest stride that meets the bound."""
+    f = FPCS()
+    small_a, small_b = torch.randn(32, 3, 50, 32), torch.randn(32, 3, 32, 50)   # tiny ViT
+    assert f._query_rows(small_a, small_b) is small_a
+    a, b = torch.randn(32, 6, 257, 64), torch.randn(32, 6, 64, 257)            # ViT-S/14
+    got = f._query_rows(a, b)
+    macs = a.numel() * 257
+    stride = -(-macs // (1 << 26))
+    assert stride == 13 and got.shape == (32, 6, 20, 64)
+    assert torch.equal(got, a[:, :, ::13]) and got.numel() * 257 <= 1 << 26
+    f.set_device('cuda')
+    assert f._query_rows(a, b) is a
 
 
 def test_unbounded_cache_keeps_every_token_and_window():

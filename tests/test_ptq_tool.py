@@ -33,8 +33,9 @@ def test_ptq_writes_fp_and_quantized_coco_metrics(method, coco_mini, tmp_path):
         # the CPU preset, recorded as used
         assert res['calibration']['search_budgets']['fpcs'] == dict(
             device='cpu', preset='cpu', max_tokens=512, max_windows=32, uniform_width=8,
-            macs_per_candidate=1 << 24, differs_from_reference=[
-                'macs_per_candidate', 'max_tokens', 'max_windows', 'uniform_width'])
+            macs_per_candidate=1 << 24, matmul_macs_per_candidate=1 << 26,
+            differs_from_reference=['macs_per_candidate', 'matmul_macs_per_candidate',
+                                    'max_tokens', 'max_windows', 'uniform_width'])
     if method == 'fqvit_w8a8_attn4':
         assert set(res['bits']) == {'uniform', 'ptf', 'lis'} and res['bits']['lis'] == [4]
 

@@ -35,7 +35,13 @@ reference's — every calibration token and attention window, every row in
 each candidate's loss, 16 uniform survivors. On CPU (deliberate, recorded
 difference): 512 cached tokens per Linear and 32 attention windows per
 MatMul (all calibration images together), rows thinned so one candidate
-costs about 2^24 MACs (at least 32 rows), and 8 uniform survivors.
+costs about 2^24 MACs (at least 32 rows), and 8 uniform survivors; in the
+attention-matmul searches (``q @ k^T`` and attn @ V) the query rows of every
+cached map are strided so one candidate costs at most 2^26 MACs
+(``matmul_macs_per_candidate``; the candidate grids still come from every
+row). The tiny models and Swin's 7x7 windows stay below that bound (nothing
+thinned); a ViT-S/14 at 224 px (32 maps x 6 heads x 257 queries) keeps every
+13th query row, which takes its AdaLog FPCS from hours to minutes on 2 cores.
 * Per-head V ranges use the same grid, scored per head; with
   ``search_attention=True`` (AdaLog's blocks) V, and ``q`` / ``k`` of
   ``q @ k^T``, get the reference's per-head (scale, zero point) grid and
@@ -130,6 +136,9 @@ class FPCS(BaseSearch):
         search_uniform (bool): also search uniform per-tensor Linear inputs.
         macs_per_candidate (int | None): row budget of one Linear candidate
             evaluation (accelerator: every row; CPU: 2^24 MACs).
+        matmul_macs_per_candidate (int | None): query-row budget of one
+            attention-matmul candidate evaluation (accelerator: every row;
+            CPU: 2^26 MACs).
         min_rows (int): fewest rows kept per Linear.
         search_weights (bool): FPCS over every searched Linear's per-channel
             weight parameters, alternating with its input search (AdaLog).
@@ -154,12 +163,13 @@ class FPCS(BaseSearch):
 
     name = 'fpcs'
     PRESETS = dict(cpu=dict(max_tokens=512, max_windows=32, uniform_width=8,
-                            macs_per_candidate=1 << 24),
+                            macs_per_candidate=1 << 24, matmul_macs_per_candidate=1 << 26),
                    accelerator=dict(max_tokens=None, max_windows=None, uniform_width=16,
-                                    macs_per_candidate=None))
+                                    macs_per_candidate=None, matmul_macs_per_candidate=None))
 
     def __init__(self, steps=6, rounds=3, base_num=8, scale_num=16, width=32, uniform_width=None,
                  max_tokens=None, max_windows=None, search_uniform=True, macs_per_candidate=None,
+                 matmul_macs_per_candidate=None,
                  min_rows=32, reparam_ln=False, include_padded=None, search_weights=False,
                  weight_candidates=128, weight_width=16, search_attention=False,
                  budget_preset='auto'):
@@ -169,7 +179,8 @@ class FPCS(BaseSearch):
         self.scale_num = scale_num
         self.width = width
         self._explicit = dict(uniform_width=uniform_width, max_tokens=max_tokens,
-                              max_windows=max_windows, macs_per_candidate=macs_per_candidate)
+                              max_windows=max_windows, macs_per_candidate=macs_per_candidate,
+                              matmul_macs_per_candidate=matmul_macs_per_candidate)
         self._preset = budget_preset
         self.search_uniform = search_uniform
         self.min_rows = min_rows
@@ -264,6 +275,15 @@ class FPCS(BaseSearch):
             return x
         cap = max(self.min_rows, self.macs_per_candidate // m.weight.numel())
         return x[::max(1, -(-x.shape[0] // cap))]
+
+    def _query_rows(self, a, b):
+        """Evenly strided query rows (dim -2) of the left operand ``a`` so that
+        one candidate of ``a @ b`` costs at most ``matmul_macs_per_candidate``."""
+        budget = self.matmul_macs_per_candidate
+        macs = a.numel() * b.shape[-1]
+        if budget is None or macs <= budget:
+            return a
+        return a[..., ::-(-macs // budget), :]
 
     def _linear_objective(self, m, x):
         w = _weight(m)
@@ -429,6 +449,7 @@ class FPCS(BaseSearch):
     # ----------------------------------------------------------- softmax
     def _search_softmax(self, m, a, b):
         aq, bq = m.a_quantizer, m.b_quantizer
+        a = self._query_rows(a, b)         # attention rows are independent
         ref = a @ b
         elems = ref.numel() + a.numel()
         qs = torch.arange(aq.q_candidates[0],
@@ -507,8 +528,9 @@ class FPCS(BaseSearch):
         (``q @ k^T``): ``rounds`` times, A's per-head parameters with B
         quantized, then B's with A quantized, on the product's error."""
         aq, bq = m.a_quantizer, m.b_quantizer
-        ref = a @ b
         a_grid, b_grid = self._head_grid(a, aq), self._head_grid(b, bq)   # once per operand
+        a = self._query_rows(a, b)         # the losses on strided query rows (CPU budget)
+        ref = a @ b
         self._head_init(aq, a_grid)
         self._head_init(bq, b_grid)
         for _ in range(self.rounds):
