@@ -63,15 +63,8 @@ def build_classifier(size=224):
 
 def converted_backbone(size):
     """Converted backbone state (``backbone.*``), position grid resized for ``size``."""
-    from mmpretrain.models.utils import resize_pos_embed
-
     from mmvq.utils import dinov2_onnx as d
-    state = d.convert_state_dict(d.find_onnx())
-    if size != 518:
-        g = size // 14
-        state['backbone.pos_embed'] = resize_pos_embed(
-            state['backbone.pos_embed'], (37, 37), (g, g), mode='bicubic', num_extra_tokens=1)
-    return state
+    return d.resize_pos_embed_for(d.convert_state_dict(d.find_onnx()), size)
 
 
 def _features(model, dataset, indices, batch=32):
@@ -92,8 +85,8 @@ def fit_linear(x, y, num_classes, weight_decay, max_iter):
     """Multinomial logistic regression (L-BFGS, L2 on the weight); ``(W, b)``."""
     import torch
     torch.manual_seed(0)
-    w = torch.zeros(num_classes, x.shape[1], requires_grad=True)
-    b = torch.zeros(num_classes, requires_grad=True)
+    w = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
+    b = torch.zeros(num_classes, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-9,
                             tolerance_change=1e-12, history_size=20, line_search_fn='strong_wolfe')
 

@@ -49,8 +49,7 @@ def test_conversion_keys_and_layout(state):
     g0 = state['backbone.layers.0.attn.gamma1.weight'].abs().mean()
     g11 = state['backbone.layers.11.ffn.gamma2.weight'].abs().mean()
     assert 0.01 < g0 < g11 and g11 > 1.0
-    bb = dinov2_onnx.build_backbone()
-    bb.load_state_dict({k[len('backbone.'):]: v for k, v in state.items()}, strict=True)
+    dinov2_onnx.backbone_from_state(state)          # strict=True
 
 
 def test_conversion_matches_onnxruntime(onnx_path, state, coco_mini):
@@ -83,11 +82,9 @@ def test_converter_tool_writes_checked_checkpoint(onnx_path, tmp_path, coco_mini
 
 def _classifier(state):
     import dinov2
-    from mmpretrain.models.utils import resize_pos_embed
+    from mmvq.utils.dinov2_onnx import resize_pos_embed_for
     model = dinov2.build_classifier(224)
-    sd = dict(state)
-    sd['backbone.pos_embed'] = resize_pos_embed(sd['backbone.pos_embed'], (37, 37), (16, 16),
-                                                mode='bicubic', num_extra_tokens=1)
+    sd = resize_pos_embed_for(state, 224)
     torch.manual_seed(0)
     sd['head.layers.head.weight'] = torch.randn(10, 384) * 0.05
     sd['head.layers.head.bias'] = torch.zeros(10)

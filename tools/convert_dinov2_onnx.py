@@ -40,9 +40,7 @@ def check_against_onnxruntime(onnx_path, state, images, size=224):
 
     batch = np.stack([d.preprocess(cv2.imread(p), size) for p in images])
     ref = d.ort_tokens(onnx_path, batch)
-    bb = d.build_backbone(img_size=518)
-    bb.load_state_dict({k[len('backbone.'):]: v for k, v in state.items()}, strict=True)
-    bb.eval()
+    bb = d.backbone_from_state(state, img_size=518)
     bb.out_type = 'raw'
     with torch.no_grad():
         got = bb(torch.from_numpy(batch))[-1].numpy()
@@ -99,11 +97,7 @@ def main(argv=None):
         parser.exit(1, f'convert_dinov2_onnx.py: error: the converted model differs from '
                        f'onnxruntime by {check["max_rel"]:.1e} relative (> {args.tolerance}); '
                        'nothing written\n')
-    if args.img_size != 518:
-        from mmpretrain.models.utils import resize_pos_embed
-        g = args.img_size // 14
-        state['backbone.pos_embed'] = resize_pos_embed(
-            state['backbone.pos_embed'], (37, 37), (g, g), mode='bicubic', num_extra_tokens=1)
+    state = d.resize_pos_embed_for(state, args.img_size)
     atomic_torch_save(dict(state_dict=state, meta=dict(
         converted_from=f'{d.PACKAGE}=={d.VERSION}:{d.MEMBER}', source_sha256=file_sha256(onnx_path),
         img_size=args.img_size, onnxruntime_check=check,

