@@ -166,7 +166,7 @@ def convert_state_dict(onnx_path):
 
     def take(name):
         used.add(name)
-        return torch.from_numpy(arrays[name].copy()).float()
+        return torch.as_tensor(arrays[name].copy(), dtype=torch.float32, device='cpu')
 
     def by_consumer(pattern):
         hits = [n for n, nodes in consumers.items() if any(re.fullmatch(pattern, c) for c in nodes)
