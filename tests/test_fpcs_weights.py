@@ -62,6 +62,40 @@ def test_weight_search_on_own_error_beats_min_max_per_channel():
     assert (searched <= grid + 1e-9).all()
 
 
+def test_one_sided_rows_get_their_min_max_zero_point():
+    """A row whose range is one-sided (an outlier column moved in by the
+    LayerNorm reparameterization) cannot be fitted by the reference's middle
+    zero points: with the min-max-centred ones added, the search beats
+    min-max; the reference grid alone clips the outlier and loses to it."""
+    lin, x = _linear(3, cin=48, cout=8)
+    with torch.no_grad():
+        lin.weight.mul_(0.1)
+        lin.weight[:, 5] = torch.linspace(2.0, 4.0, 8)          # one large positive column
+        lin.weight[:4, 5] *= -1                                  # ... negative in half the rows
+    wq = lin.weight_quantizer
+    wq.reset_observer()
+    wq.observe(lin.weight)
+    wq.calibrate()
+    xq = lin.input_quantizer.fake_quant(x)
+    ref = nn.functional.linear(x, lin.weight, lin.bias)
+
+    def out_err():
+        w = wq.fake_quant(lin.weight)
+        return (nn.functional.linear(xq, w, lin.bias) - ref).pow(2).mean(dim=0)
+
+    minmax = out_err()
+    centre = torch.round(-lin.weight.amin(1).clamp(max=0) / wq.scale)
+    assert centre[:4].min() >= 12 and centre[4:].max() <= 3     # far from the middle code 8
+    errs = {}
+    for flag in (False, True):
+        FPCS(steps=6, weight_minmax_zero_points=flag)._search_weights(lin, xq, ref)
+        errs[flag] = out_err()
+        zp = wq.zero_point
+        assert (zp[4:] <= 3).all() if flag else ((zp >= 4) & (zp <= 11)).all()
+    assert (errs[True] <= minmax * 1.0001).all() and errs[True].sum() < 0.95 * minmax.sum()  # 0.93
+    assert errs[False].sum() > 1.5 * minmax.sum()                  # measured 1.69
+
+
 def test_alternating_search_lowers_the_output_error():
     lin, x = _linear(2)
     ref = nn.functional.linear(x, lin.weight, lin.bias)

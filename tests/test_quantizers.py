@@ -300,6 +300,15 @@ def test_adalog_bias_reparameterization_is_exact():
     assert bool(q.bias_folded)
     assert torch.allclose(before, after, atol=1e-5)
     assert (q(x) >= 0).all()                       # codes stay non-negative after folding
+    # switched off after the fold, the quantizer still hands fc2 ``x + shift``:
+    # fc2's folded bias then gives the float layer back (no weight quantizer here)
+    ref = F.linear(x, fc2.weight, fc2.bias + fc2.weight.sum(1) * q.shift)
+    q.enabled = False
+    assert torch.allclose(fc2(q(x)), ref, atol=1e-5)
+    assert not torch.allclose(fc2(x), ref, atol=0.1)        # what returning x would give
+    q.enabled = True
+    q.mode = 'float'
+    assert torch.allclose(fc2(q(x)), ref, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- IGQ

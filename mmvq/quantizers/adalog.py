@@ -187,6 +187,16 @@ class AdaLogQuantizer(BaseQuantizer):
             out = out - self.shift
         return out
 
+    def passthrough(self, x):
+        """``x + shift`` once the shift is folded into the next bias (which now
+        subtracts ``W_q shift``, :meth:`fold_shift_into`): a disabled quantizer,
+        or ``float`` mode, then leaves the next Linear's input float — exactly
+        while that Linear's weight quantizer is on (``W_q x + b``), and up to
+        ``(W - W_q) shift`` when it is off too."""
+        if self.shifted and self.is_folded():
+            return x + self.shift
+        return x
+
     def is_folded(self):
         """Whether the shift was folded into the next bias (host copy, one sync per change)."""
         return host_value(self, 'bias_folded', self.bias_folded, bool)

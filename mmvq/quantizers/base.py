@@ -117,7 +117,7 @@ class BaseQuantizer(nn.Module):
         kernel write the result into ``x`` (only for a tensor nothing else
         reads, e.g. a layer's fresh output; the eager code ignores it)."""
         if not self.enabled or self.mode == 'float':
-            return x
+            return self.passthrough(x)
         if self.mode == 'calib':
             x_det = x.detach()
             if not bool(torch.isfinite(x_det).all()):
@@ -125,7 +125,7 @@ class BaseQuantizer(nn.Module):
                 raise ValueError(f'calibration values at {where} contain NaN/Inf: check the '
                                  'checkpoint weights and the input normalisation (data_preprocessor)')
             self.observe(x_det)
-            return x
+            return self.passthrough(x)
         if not self.is_calibrated():
             raise RuntimeError(f'{type(self).__name__} is used in quant mode before '
                                'calibration: run mmvq.calibrate / PTQLoop first')
@@ -135,6 +135,12 @@ class BaseQuantizer(nn.Module):
 
     # whether fake_quant takes ``inplace`` (uniform, PTF)
     inplace_ok = False
+
+    def passthrough(self, x):
+        """The float value a disabled (or ``float`` / ``calib`` mode) quantizer
+        returns: ``x``, unless a reparameterization moved part of the
+        quantizer's arithmetic into a neighbour (AdaLog's folded shift)."""
+        return x
 
     # ------------------------------------------------------- to be overridden
     def observe(self, x):
