@@ -65,6 +65,10 @@ thinned); a ViT-S/14 at 224 px (32 maps x 6 heads x 257 queries) keeps every
   keeps 16 per channel and expands each into 8 scales around it, the step
   shrinking by 7.5 per round. Output channels are independent, so one
   batched evaluation scores every channel's candidates at once.
+  Deliberate difference (``weight_minmax_zero_points``, default on): the
+  same scales are also tried with the zero points around each channel's
+  min-max zero point, which the reference's middle codes cannot reach for a
+  one-sided row (:meth:`FPCS._search_weights`).
 
   A Conv2d's weight (the patch embedding) is searched the same way on its
   unfolded input rows, once, ranked by the output error — the reference's
