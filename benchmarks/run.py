@@ -196,19 +196,26 @@ def row_of(model, method, spec, res):
     return row
 
 
+def format_metrics(values):
+    """``{'box AP': 65.10000000000001}`` -> ``'box AP 65.1'`` (one decimal, as mmdet's tables)."""
+    return ', '.join(f'{k} {v:.1f}' for k, v in values.items())
+
+
 def check_targets(rows):
-    """Annotate each row with the targets it misses."""
+    """Annotate each row with the project targets it misses: ``missed`` (accuracy and
+    equality, the same on every machine) and ``timing`` (time targets, which depend on
+    the machine and on what else runs: reported, not failures)."""
     by = {(r['model'], r['method']): r for r in rows}
     for r in rows:
-        miss = []
+        miss, timing = [], []
         if r['eval_ratio'] > TARGETS['eval_ratio']:
-            miss.append(f'eval {r["eval_ratio"]:.2f}x > {TARGETS["eval_ratio"]}x')
+            timing.append(f'eval {r["eval_ratio"]:.2f}x FP (target {TARGETS["eval_ratio"]}x)')
         if r.get('identical_to_eager') is False:
             miss.append('metrics differ from the eager path')
         calib_s = r['calib_s'] - (r.get('recon_s') or 0)
         if (r['model'] == 'det' and r['method'].startswith(('adalog', 'igq', 'mixed'))
                 and calib_s > TARGETS['calib_s']):
-            miss.append(f'calib {calib_s:.0f} s > {TARGETS["calib_s"]:.0f} s')
+            timing.append(f'calib {calib_s:.0f} s (target {TARGETS["calib_s"]:.0f} s)')
         plain = by.get((r['model'], r['method'][:-len('_recon')])) \
             if r['method'].endswith('_recon') else None
         if plain is not None:
@@ -226,7 +233,7 @@ def check_targets(rows):
             if r['quant'][first] <= base['quant'][first]:
                 miss.append(f'W4A4 {first} not above uniform '
                             f'({r["quant"][first]:.1f} <= {base["quant"][first]:.1f})')
-        r['missed'] = miss
+        r['missed'], r['timing'] = miss, timing
     return rows
 
 
@@ -247,7 +254,7 @@ def markdown(rows, meta):
                 '| method | ' + ' | '.join(labs) + ' | ' + ' | '.join(f'Δ {lab}' for lab in labs)
                 + (' | CLS cosine, natural images (mean / min)' if cos else '')
                 + ' | calib s | recon s | eval time vs FP | eager eval vs FP | = eager '
-                '| peak RSS vs FP | targets |',
+                '| peak RSS vs FP | project targets |',
                 '|---|' + '---:|' * (2 * len(labs) + 5 + cos) + '---|---|']
         fp = mrows[0]['fp']
         out.append('| FP32 | ' + ' | '.join(f'{fp[lab]:.1f}' for lab in labs) + ' | '
@@ -265,8 +272,7 @@ def markdown(rows, meta):
                        + ('' if r['eval_reliable'] else ' †')
                        + (f' | {r["eager_ratio"]:.2f}x' if r.get('eager_ratio') else ' | -')
                        + {True: ' | ✓', False: ' | ✗'}.get(r.get('identical_to_eager'), ' | -')
-                       + f' | {mem} | '
-                       + ('✗ ' + '; '.join(r['missed']) if r['missed'] else '✓') + ' |')
+                       + f' | {mem} | ' + target_cell(r) + ' |')
         ort_rows = [r for r in mrows if 'onnxruntime' in r]
         if ort_rows:
             out += ['', 'Deployed (`--backend onnxruntime`: exported with `mmvq.export_onnx`, '
@@ -283,15 +289,25 @@ def markdown(rows, meta):
     out += ['"eval time vs FP": the quantized evaluation with mmvq\'s fused quantizer kernels '
             '(the default); "eager eval vs FP": the same quantized model evaluated again in the '
             'same process with `quant.fused=False`; "= eager": its metrics are identical.', '',
-            'Targets: quantized eval ≤ 1.3x FP per image; FPCS / IGQ-allocation calibration of the '
-            'tiny detector ≤ 120 s; W6A6 within 1 point of FP; at W4A4 AdaLog and IGQ above '
-            'uniform; a `+ block reconstruction` row above the same block without it ("recon s": '
-            'its share of "calib s"). Eval time and peak RSS ratios compare the quantized and FP evaluations '
-            'of the same process.'
+            '"project targets" are this project\'s benchmark goals, not settings of your run: '
+            'W6A6 within 1 point of FP; at W4A4 AdaLog and IGQ above uniform; a `+ block '
+            'reconstruction` row above the same block without it ("recon s": its share of "calib '
+            's"); fused metrics identical to eager (✗ when missed). Timing goals (⏱, shown, never '
+            'a failure: they depend on the machine and its load) were set on a 2-core x86 CPU: '
+            'quantized eval ≤ 1.3x FP per image, FPCS / IGQ-allocation calibration of the tiny '
+            'detector ≤ 120 s. Eval time and peak RSS ratios compare the quantized and FP '
+            'evaluations of the same process, calibration time is wall time.'
             + (' † timed while other processes kept the CPUs busy (`results.json` '
                '`eval_time.load`): that ratio is not reliable.'
                if any(not r['eval_reliable'] for r in rows) else ''), '']
     return '\n'.join(out)
+
+
+def target_cell(r):
+    cell = '✗ ' + '; '.join(r['missed']) if r['missed'] else '✓'
+    if r.get('timing'):
+        cell += ' (⏱ ' + '; '.join(r['timing']) + ')'
+    return cell
 
 
 def prepare_data(model, spec, small, n_eval=None):
@@ -353,12 +369,13 @@ def main(argv=None):
         spec = MODELS[model]
         data_root = prepare_data(model, spec, args.small_data, args.max_eval_images)
         for method in args.methods:
-            print(f'[benchmark] {model} / {method} ...', flush=True)
+            print(f'{model} / {method} ...', flush=True)
             res = run_one(args, model, method, spec, data_root)
             rows.append(row_of(model, method, spec, res))
             r = rows[-1]
-            print(f'[benchmark]   {r["quant"]} (FP {r["fp"]}), calib {r["calib_s"]:.1f} s, '
-                  f'eval {r["eval_ratio"]:.2f}x FP, {r["wall_s"]:.0f} s', flush=True)
+            print(f'  {format_metrics(r["quant"])} (FP {format_metrics(r["fp"])}), '
+                  f'calibration {r["calib_s"]:.1f} s, eval {r["eval_ratio"]:.2f}x FP time, '
+                  f'{r["wall_s"]:.0f} s in all', flush=True)
     check_targets(rows)
     import platform
     meta = dict(date=time.strftime('%Y-%m-%d'), total_s=round(time.perf_counter() - t0, 1),

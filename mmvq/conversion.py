@@ -51,6 +51,7 @@ from .adapters import find_adapter, generic_sites, model_task
 from .modes import iter_quantizers
 from .modules.base import build_quantizer, swap_class
 from .registry import QUANTIZERS
+from .schema import without_config_scope
 from .schema import apply_override, chain_lookup, resolve_role, scope_for_task
 
 
@@ -159,7 +160,7 @@ def convert(model, qcfg):
     Float ``state_dict`` keys are preserved; quantizer buffers are added
     beside them. Returns the model.
     """
-    qcfg = copy.deepcopy(dict(qcfg))
+    qcfg = without_config_scope(copy.deepcopy(dict(qcfg)))
     integer_ln = bool(qcfg.get('integer_layernorm', False))
     for site, slot_cfgs in plan(model, qcfg):
         if site.wrapper is None:

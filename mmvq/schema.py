@@ -68,17 +68,31 @@ def calib_images_for(task, cli=None, block=None):
     return FALLBACK_CALIB_IMAGES, 'the default for an unknown task'
 
 
+def without_config_scope(obj):
+    """``obj`` with every ``_scope_`` key removed, recursively (a copy).
+
+    mmengine tags each dict of a base inherited by scope (``'mmvq::_base_/quant/...'``)
+    with ``_scope_='mmvq'``; mmvq's quantizer, role and search configs are plain
+    keyword arguments and the registry scope is always mmvq's own.
+    """
+    if isinstance(obj, dict):
+        return {k: without_config_scope(v) for k, v in obj.items() if k != '_scope_'}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(without_config_scope(v) for v in obj)
+    return obj
+
+
 def validate_qcfg(qcfg):
     """Raise a one-line error for an unusable quantization block."""
     if not isinstance(qcfg, dict):
         raise ValueError('the config has no `quant` block: add `quant = dict(...)` '
                          '(see configs/_base_/quant/)')
-    unknown = set(qcfg) - set(QCFG_KEYS)
+    unknown = set(qcfg) - set(QCFG_KEYS) - {'_scope_'}
     if unknown:
         raise ValueError(f'unknown key(s) {sorted(unknown)} in the quant block; allowed: '
                          f'{sorted(QCFG_KEYS)}')
     calib = qcfg.get('calib') or {}
-    unknown = set(calib) - set(CALIB_KEYS)
+    unknown = set(calib) - set(CALIB_KEYS) - {'_scope_'}
     if unknown:
         raise ValueError(f'unknown key(s) {sorted(unknown)} in quant.calib; allowed: '
                          f'{sorted(CALIB_KEYS)}')

@@ -184,3 +184,25 @@ def calibrated(q, *batches):
         q(b)
     q.calibrate()
     return q.set_mode('quant')
+
+
+def build_wheel(tmp_dir):
+    """Build mmvq's wheel from a copy of the sources (the checkout gets no
+    ``build/`` or ``*.egg-info``) with the running interpreter's setuptools;
+    returns the wheel's path."""
+    import glob
+    import shutil
+    src = osp.join(str(tmp_dir), 'src')
+    os.makedirs(src)
+    for name in ('setup.py', 'README.md', 'model-index.yml'):
+        shutil.copy2(osp.join(ROOT, name), src)
+    for name in ('mmvq', 'configs', 'tools'):
+        shutil.copytree(osp.join(ROOT, name), osp.join(src, name),
+                        ignore=shutil.ignore_patterns('__pycache__', '*.pyc', '*.so'))
+    out = osp.join(str(tmp_dir), 'wheels')
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '--no-build-isolation',
+                    '--disable-pip-version-check', '-w', out, src],
+                   check=True, capture_output=True, text=True)
+    wheels = glob.glob(osp.join(out, 'mmvq-*.whl'))
+    assert len(wheels) == 1, wheels
+    return wheels[0]

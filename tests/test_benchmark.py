@@ -61,3 +61,27 @@ def test_benchmark_one_method_few_images(tmp_path):
     assert '| Uniform' in md and '| FP32 |' in md and 'box AP' in md
     # the row can be re-run alone from its written config
     assert (wd / 'configs' / 'det_uniform_w8a8.py').is_file()
+
+
+def test_console_metrics_are_rounded_and_timing_is_not_a_failure():
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    import run
+    assert run.format_metrics({'box AP': 65.10000000000001, 'mask AP': 63.800000000000004}) \
+        == 'box AP 65.1, mask AP 63.8'
+
+    def row(method, box, calib_s=10.0, eval_ratio=1.0, eager=True):
+        return dict(model='det', method=method, quant={'box AP': box}, delta={'box AP': 0.0},
+                    calib_s=calib_s, eval_ratio=eval_ratio, identical_to_eager=eager)
+
+    rows = run.check_targets([row('uniform_w4a4', 20.0),
+                              row('adalog_w4a4', 30.0, calib_s=188.0, eval_ratio=1.4),
+                              row('igq_w4a4_g8', 15.0, eager=False)])
+    slow, bad = rows[1], rows[2]
+    # a slow machine: the timing goals are shown, the row is not failed
+    assert slow['missed'] == []
+    assert slow['timing'] == ['eval 1.40x FP (target 1.3x)', 'calib 188 s (target 120 s)']
+    assert run.target_cell(slow) == '✓ (⏱ eval 1.40x FP (target 1.3x); calib 188 s (target 120 s))'
+    # accuracy and fused-vs-eager equality are failures on every machine
+    assert bad['missed'] == ['metrics differ from the eager path',
+                             'W4A4 box AP not above uniform (15.0 <= 20.0)']
+    assert run.target_cell(bad).startswith('✗ metrics differ')

@@ -9,13 +9,14 @@ Fashion-MNIST images shipped in ``tests/data/fashion_mnist_mini`` (64 train,
 300 test, in class folders).
 """
 import json
+import os
 import os.path as osp
 import subprocess
 import sys
 
 import pytest
 
-from helpers import CONFIGS, ROOT
+from helpers import CONFIGS, ROOT, build_wheel
 
 DATA = osp.join(ROOT, 'tests', 'data', 'fashion_mnist_mini')
 CKPT = osp.join(ROOT, 'benchmarks', 'checkpoints', 'tiny_vit_cls.pth')
@@ -132,6 +133,63 @@ def test_user_config_without_train_split_names_the_fix(tmp_path):
     res = json.loads((tmp_path / 'wd2' / 'results.json').read_text())
     assert res['calibration']['split'] == 'test' and res['calibration']['images'] == 8
     assert res['calibration']['images_from'] == '--calib-images'
+
+
+def installed_wheel(tmp_path):
+    """A fresh venv outside the checkout with mmvq installed from its wheel; every
+    other package comes from the project's environment (a ``.pth`` line naming its
+    site-packages, whose editable mmvq finder is therefore never run)."""
+    import sysconfig
+    wheel = build_wheel(tmp_path / 'build')
+    venv = tmp_path / 'venv'
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
+    py = str(venv / 'bin' / 'python')
+    site = subprocess.run([py, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    with open(osp.join(site, 'project_site.pth'), 'w') as f:
+        f.write(sysconfig.get_paths()['purelib'] + '\n')
+    subprocess.run([sys.executable, '-m', 'pip', '--disable-pip-version-check', '--python', py,
+                    'install', '-q', '--no-deps', '--no-index', wheel], check=True)
+    return venv, site
+
+
+def test_installed_wheel_runs_a_scoped_config_from_outside_the_checkout(tmp_path):
+    """``pip install mmvq`` (not editable), then a config whose bases are only
+    ``mmpretrain::`` and ``mmvq::`` paths, run by the ``mmvq-ptq`` entry point in
+    a folder outside the checkout."""
+    venv, site = installed_wheel(tmp_path)
+    user = tmp_path / 'user'
+    user.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    where = subprocess.run([str(venv / 'bin' / 'python'), '-c',
+                            'import mmvq, mmvq.utils; print(mmvq.__file__); '
+                            'print(mmvq.utils.resolve_config_path("mmvq::_base_/quant/uniform_w8a8.py"))'],
+                           cwd=user, env=env, capture_output=True, text=True, check=True)
+    pkg_file, block = where.stdout.split()
+    assert pkg_file.startswith(site) and not pkg_file.startswith(ROOT)
+    assert block == osp.join(site, 'mmvq', '.mim', 'configs', '_base_', 'quant', 'uniform_w8a8.py')
+    cfg = user / 'my_vit_fqvit.py'
+    cfg.write_text("_base_ = ['mmpretrain::_base_/default_runtime.py', "
+                   "'mmvq::_base_/quant/fqvit_w8a8_attn4.py']\n"
+                   + USER_MODEL.format(root=DATA) + TRAIN_SPLIT.format(root=DATA))
+    proc = subprocess.run([str(venv / 'bin' / 'mmvq-ptq'), cfg.name, CKPT, '--work-dir', 'wd',
+                           '--calib-images', '16', '--max-eval-images', '50'],
+                          cwd=user, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    res = json.loads((user / 'wd' / 'results.json').read_text())
+    assert res['method'] == 'FQ-ViT W8A8/Attn4 (PTF, integer LayerNorm, LIS)'
+    fp = res['metrics']['fp']['accuracy/top1']
+    q = res['metrics']['quantized']['accuracy/top1']
+    assert 70.0 < fp <= 100.0 and abs(q - fp) <= 6.0
+    # errors name the command the user typed
+    proc = subprocess.run([str(venv / 'bin' / 'mmvq-ptq'), 'missing.py'], cwd=user, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith('mmvq-ptq: error: '), proc.stderr
+    # the other entry points are there and are the tools
+    for tool in ('mmvq-export', 'mmvq-analyze'):
+        proc = subprocess.run([str(venv / 'bin' / tool), '--help'], cwd=user, env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout.startswith('usage: ' + tool), proc.stderr
 
 
 @pytest.mark.parametrize('block', ['igq_w4a4_g8', 'fqvit_w8a8_attn4'])

@@ -149,6 +149,9 @@ def build_runner(args):
                         compare_eager=getattr(args, 'compare_eager', False),
                         calib_dataloader=calib_loader)
     _drop_partial_triples(cfg)
+    if getattr(args, 'backend', 'pytorch') == 'onnxruntime':
+        from mmvq.utils.optional import require
+        require('onnx', 'onnxruntime', purpose='--backend onnxruntime')
     if args.launcher != 'none' and getattr(args, 'backend', 'pytorch') != 'pytorch':
         raise checks.UserInputError('--backend onnxruntime evaluates in one process: drop --launcher')
     if args.launcher != 'none':
@@ -186,9 +189,10 @@ def run_tool(prog, fn, args):
             raise
         text = str(exc).strip()
         msg = text.splitlines()[0] if text else type(exc).__name__
-        if type(exc).__name__ not in ('UserInputError', ) and not isinstance(exc, (ValueError, OSError)):
+        if type(exc).__name__ not in ('UserInputError', 'MissingExtraError') and not isinstance(exc, (ValueError, OSError)):
             msg = f'{type(exc).__name__}: {msg} (run with --debug for the traceback)'
-        print(f'{prog}: error: {msg}', file=sys.stderr)
+        entry = osp.basename(sys.argv[0]) if sys.argv else ''
+        print(f'{entry if entry.startswith("mmvq-") else prog}: error: {msg}', file=sys.stderr)
         return 2
     return 0
 

