@@ -155,3 +155,20 @@ def test_shipped_sources_need_no_newer_stdlib_than_38():
                            '--eval-annotations', '-t=3.8-', '--exclude', 'long',
                            *shipped_sources()], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_missing_deploy_extra_is_one_line_naming_it(monkeypatch):
+    import importlib.util
+
+    from mmvq.deploy.export import export_onnx
+    from mmvq.deploy.runtime import ort_session
+    from mmvq.utils import optional
+    real = importlib.util.find_spec
+    monkeypatch.setattr(optional.importlib.util, 'find_spec',
+                        lambda name, *a: None if name in ('onnx', 'onnxruntime') else real(name, *a))
+    with pytest.raises(optional.MissingExtraError) as exc:
+        ort_session(b'', quantized=False)
+    assert str(exc.value) == ("mmvq.deploy needs onnx and onnxruntime, which are not installed: "
+                              "pip install 'mmvq[deploy]'")
+    with pytest.raises(optional.MissingExtraError, match=r"^mmvq.deploy needs onnx, which is not "):
+        export_onnx(None, None, None)
