@@ -166,6 +166,15 @@ def test_installed_wheel_runs_a_scoped_config_from_outside_the_checkout(tmp_path
                             'print(mmvq.utils.resolve_config_path("mmvq::_base_/quant/uniform_w8a8.py"))'],
                            cwd=user, env=env, capture_output=True, text=True, check=True)
     pkg_file, block = where.stdout.split()
+    # the example: a detector config + a block, both by scope
+    (user / 'det.py').write_text("_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py', "
+                                 "'mmvq::_base_/quant/fqvit_w8a8_attn4.py']\n")
+    det = subprocess.run([str(venv / 'bin' / 'python'), '-c',
+                          'import mmvq; from mmengine.config import Config; '
+                          'c = Config.fromfile("det.py"); print(c.model.backbone.type, c.quant.name)'],
+                         cwd=user, env=env, capture_output=True, text=True)
+    assert det.stdout.strip() == ('SwinTransformer FQ-ViT W8A8/Attn4 (PTF, integer LayerNorm, '
+                                  'LIS)'), det.stderr[-2000:]
     assert pkg_file.startswith(site) and not pkg_file.startswith(ROOT)
     assert block == osp.join(site, 'mmvq', '.mim', 'configs', '_base_', 'quant', 'uniform_w8a8.py')
     cfg = user / 'my_vit_fqvit.py'
