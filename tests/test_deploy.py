@@ -337,11 +337,23 @@ def test_ptq_backend_onnxruntime_tiny_vit(block, tmp_path):
     onnx.checker.check_model(str(out))
 
 
+# mean |diff| / mean |feature| of onnxruntime's optimised (integer-kernel) session
+# against the fake-quantized model, as measured: uniform W8A8 0.34 % (x86 without VNNI)
+# / 0.40 % (AVX-512 VNNI); FQ-ViT 0.06 % / 1.28 % (saturating U8S8 products, fixed by
+# ort_session's uint8 rewrite, gave 4.7 % and 8.6 %). The bounds leave 2x the worst.
+ORT_FEATURE_BOUND = dict(uniform_w8a8=0.01, fqvit_w8a8_attn4=0.026)
+
+
 @pytest.mark.parametrize('block', ['uniform_w8a8', 'fqvit_w8a8_attn4'])
 def test_tiny_detector_features_in_onnxruntime(block, tmp_path):
     """The exported backbone + neck in onnxruntime against the fake-quantized
-    PyTorch model (measured mean |diff| / mean |feature|: W8A8 0.34 %, FQ-ViT
-    0.06 %; with saturating U8S8 products they were 4.7 % and 8.6 %)."""
+    PyTorch model. FQ-ViT's graph run as written (no graph optimisation: every QDQ
+    pair and integer subgraph as exported) reproduces the model (measured 0.000 %);
+    onnxruntime's optimised session (MatMulIntegerToFloat, 8-bit MatMulNBits, fused
+    float ops) differs, by a CPU-dependent amount (the bounds above). Uniform W8A8 as
+    written already differs by 0.45 % (its float softmax / GELU kernels feed 8-bit
+    quantizers), so only FQ-ViT's is held to exactness."""
+    import onnxruntime as ort
     model, data, forward = _calibrate(block, tiny_detector_case)
     x = model.data_preprocessor(data[0], False)['inputs']
     path = str(tmp_path / 'det.onnx')
@@ -349,11 +361,16 @@ def test_tiny_detector_features_in_onnxruntime(block, tmp_path):
     assert export_onnx(model, x, path, forward_fn=fwd)['checks']['ok']
     with torch.no_grad():
         ref = fwd(model, x)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    as_written = run_session(ort.InferenceSession(path, opts, providers=['CPUExecutionProvider']), x)
     outs = run_session(ort_session(path), x)
-    assert len(outs) == len(ref) == 5
-    for r, o in zip(ref, outs):
-        assert o.shape == r.shape
-        assert float((o - r).abs().mean() / r.abs().mean()) < 0.01
+    assert len(outs) == len(as_written) == len(ref) == 5
+    for r, w, o in zip(ref, as_written, outs):
+        assert o.shape == w.shape == r.shape
+        if block == 'fqvit_w8a8_attn4':
+            assert float((w - r).abs().mean() / r.abs().mean()) < 1e-4
+        assert float((o - r).abs().mean() / r.abs().mean()) < ORT_FEATURE_BOUND[block]
 
 
 @pytest.mark.parametrize('block', ['uniform_w8a8', 'fqvit_w8a8_attn4'])
