@@ -13,8 +13,6 @@ every LayerNorm (``ln_input``/``ln_output``; PatchMerging's norm with
 softmax, FFN ``fc1``/``fc2`` (``fc1_input``/``fc2_input`` = post-GELU) and
 PatchMerging ``reduction`` (``reduction_input``).
 """
-import mmdet.models.backbones.swin as mmdet_swin
-from mmdet.models.layers import PatchMerging as MMDetPatchMerging
 
 from ..modules.attention import QuantAttentionMixin
 from .base import BaseAdapter, register_adapter
@@ -60,6 +58,16 @@ class QuantWindowMSA(QuantAttentionMixin):
         return x
 
 
+def _mmdet_classes():
+    try:
+        import mmdet.models.backbones.swin as mmdet_swin
+        from mmdet.models.layers import PatchMerging
+    except ImportError:  # mmdet is optional for classification users
+        return (), {}, (), ()
+    return ((mmdet_swin.SwinTransformer, ), {mmdet_swin.WindowMSA: QuantWindowMSA},
+            (mmdet_swin.SwinBlock, ), (PatchMerging, ))
+
+
 def _mmpretrain_classes():
     try:
         from mmcv.cnn.bricks.transformer import PatchMerging
@@ -85,11 +93,12 @@ class SwinAdapter(BaseAdapter):
     name = 'swin'
 
     def __init__(self):
+        det_backbones, det_attention, det_blocks, det_merging = _mmdet_classes()
         pre_backbones, pre_attention, pre_merging = _mmpretrain_classes()
-        self.backbones = (mmdet_swin.SwinTransformer, ) + pre_backbones
-        self.attention = {mmdet_swin.WindowMSA: QuantWindowMSA, **pre_attention}
+        self.backbones = det_backbones + pre_backbones
+        self.attention = {**det_attention, **pre_attention}
         self.residual_blocks = {cls: ('norm1', 'norm2') for cls in
-                                (mmdet_swin.SwinBlock, ) + _mmpretrain_blocks()}
-        self.patch_merging = (MMDetPatchMerging, ) + pre_merging
-        self.supported = ['mmdet.SwinTransformer'] + (
+                                det_blocks + _mmpretrain_blocks()}
+        self.patch_merging = det_merging + pre_merging
+        self.supported = (['mmdet.SwinTransformer'] if det_backbones else []) + (
             ['mmpretrain.SwinTransformer'] if pre_backbones else [])
