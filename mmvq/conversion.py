@@ -51,8 +51,8 @@ from .adapters import find_adapter, generic_sites, model_task
 from .modes import iter_quantizers
 from .modules.base import build_quantizer, swap_class
 from .registry import QUANTIZERS
-from .schema import without_config_scope
-from .schema import apply_override, chain_lookup, resolve_role, scope_for_task
+from .schema import (apply_override, chain_lookup, resolve_role, scope_for_task,
+                     without_config_scope)
 
 
 def _apply_hints(cfg, hints):

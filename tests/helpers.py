@@ -186,6 +186,16 @@ def calibrated(q, *batches):
     return q.set_mode('quant')
 
 
+def make_venv(path):
+    """A fresh venv at ``path`` without pip (the running pip installs into it with
+    ``--python``); returns ``(its python, its site-packages)``."""
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(path)], check=True)
+    py = osp.join(str(path), 'bin', 'python')
+    site = subprocess.run([py, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    return py, site
+
+
 def build_wheel(tmp_dir):
     """Build mmvq's wheel from a copy of the sources (the checkout gets no
     ``build/`` or ``*.egg-info``) with the running interpreter's setuptools;

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from helpers import CONFIGS, ROOT, build_wheel
+from helpers import CONFIGS, ROOT, build_wheel, make_venv
 
 DATA = osp.join(ROOT, 'tests', 'data', 'fashion_mnist_mini')
 CKPT = osp.join(ROOT, 'benchmarks', 'checkpoints', 'tiny_vit_cls.pth')
@@ -142,10 +142,7 @@ def installed_wheel(tmp_path):
     import sysconfig
     wheel = build_wheel(tmp_path / 'build')
     venv = tmp_path / 'venv'
-    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
-    py = str(venv / 'bin' / 'python')
-    site = subprocess.run([py, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    py, site = make_venv(venv)
     with open(osp.join(site, 'project_site.pth'), 'w') as f:
         f.write(sysconfig.get_paths()['purelib'] + '\n')
     subprocess.run([sys.executable, '-m', 'pip', '--disable-pip-version-check', '--python', py,

@@ -107,6 +107,9 @@ def build_runner(args):
     from mmvq.utils.console import QuietConsoleRunner
 
     checks.check_config_path(args.config)
+    if getattr(args, 'backend', 'pytorch') == 'onnxruntime':
+        from mmvq.utils.optional import require
+        require('onnx', 'onnxruntime', purpose='--backend onnxruntime')
     state = None
     if args.checkpoint is not None:
         state = checks.load_state_dict(args.checkpoint, args.trust_checkpoint)
@@ -149,9 +152,6 @@ def build_runner(args):
                         compare_eager=getattr(args, 'compare_eager', False),
                         calib_dataloader=calib_loader)
     _drop_partial_triples(cfg)
-    if getattr(args, 'backend', 'pytorch') == 'onnxruntime':
-        from mmvq.utils.optional import require
-        require('onnx', 'onnxruntime', purpose='--backend onnxruntime')
     if args.launcher != 'none' and getattr(args, 'backend', 'pytorch') != 'pytorch':
         raise checks.UserInputError('--backend onnxruntime evaluates in one process: drop --launcher')
     if args.launcher != 'none':

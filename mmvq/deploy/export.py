@@ -46,13 +46,13 @@ from ..quantizers.lis import LogIntSoftmax
 from ..quantizers.ptf import PTFQuantizer
 from ..quantizers.uniform import UniformQuantizer
 from ..utils.optional import require
+from .graphs import adalog_graph, igq_graph, int_layer_norm_graph, lis_softmax_graph
+from .qdq import qdq_fn, uniform_qdq_fn, weight_dq_fn
 
 # torch >= 2.5 has both exporters behind one function (``dynamo=``, whose default
 # changed to True in 2.9); before 2.5 ``torch.onnx.export`` is the TorchScript one
 _TORCHSCRIPT_EXPORTER = (dict(dynamo=False)
                          if 'dynamo' in inspect.signature(torch.onnx.export).parameters else {})
-from .graphs import adalog_graph, igq_graph, int_layer_norm_graph, lis_softmax_graph
-from .qdq import qdq_fn, uniform_qdq_fn, weight_dq_fn
 
 DEFAULT_OPSET = 17
 

@@ -17,7 +17,7 @@ import zipfile
 
 import pytest
 
-from helpers import ROOT, build_wheel
+from helpers import ROOT, build_wheel, make_venv
 
 # a user's GPU environment: none of these is the version make setup pins
 USER_ENV = {'torch': '2.5.1+cu121', 'torchvision': '0.20.1+cu121', 'mmcv': '2.1.0',
@@ -64,11 +64,7 @@ def test_wheel_declares_ranges_extras_data_and_entry_points(wheel):
 
 def user_env(tmp_path, packages):
     """A venv holding ``packages`` ({name: version}) as recorded installs."""
-    venv = tmp_path / 'venv'
-    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
-    py = str(venv / 'bin' / 'python')
-    site = subprocess.run([py, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    py, site = make_venv(tmp_path / 'venv')
     for name, version in packages.items():
         info = osp.join(site, f'{name}-{version}.dist-info')
         os.makedirs(info)
