@@ -17,7 +17,6 @@ import torch
 
 from .modes import enable_quantizers, iter_quantizers
 from .modules import QuantAttentionMixin, QuantModuleMixin
-from .quantizers import AdaLogQuantizer, LogIntSoftmax, UniformQuantizer
 
 
 def _sqnr(ref, out):
@@ -90,19 +89,6 @@ def sensitivity_markdown(rows, total, title):
     return '\n'.join(lines) + '\n'
 
 
-def _levels(q):
-    """Dequantized levels of a quantizer (for overlays), or ``None``."""
-    if isinstance(q, UniformQuantizer):
-        s, z = float(q.scale.reshape(-1)[0]), float(q.zero_point.reshape(-1)[0])
-        return [(k - z) * s for k in range(q.qmin, q.qmax + 1)]
-    if isinstance(q, AdaLogQuantizer):
-        t = (2.0 ** -q.table1 * q.table2 * q.scale).tolist()
-        return [v - float(q.shift) if q.shifted and not q.is_folded() else v for v in t]
-    if isinstance(q, LogIntSoftmax):
-        return [2.0 ** -k for k in range(2 ** q.bits)]
-    return None
-
-
 @torch.no_grad()
 def capture(model, inputs, forward_fn, ln_names, softmax_names, gelu_names):
     """Float activations: LN inputs, post-softmax (matmul2 ``a``), post-GELU (fc2 input)."""
@@ -168,7 +154,7 @@ def plot_histograms(acts, quantizers, path, title):
         x = acts[name]
         x = x[::max(1, x.numel() // 200000)]
         ax.hist(x.numpy(), bins=200, log=True, color='tab:blue', alpha=0.7)
-        levels = _levels(quantizers.get(name)) if quantizers.get(name) is not None else None
+        levels = quantizers[name].levels() if quantizers.get(name) is not None else None
         if levels:
             for v in levels:
                 ax.axvline(v, color='tab:red', lw=0.6, alpha=0.7)

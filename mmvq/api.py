@@ -11,11 +11,12 @@ conversion in :mod:`mmvq.conversion`, quantizer modes in :mod:`mmvq.modes`,
 calibration and its searches in :mod:`mmvq.calibration`.
 """
 from .calibration import build_search, finish_calibration, run_calibration
-from .conversion import convert, plan
+from .conversion import convert, plan, quant_state
 from .modes import enable_quantizers, iter_quantizers, set_quant_mode
 from .summary import format_summary, quant_summary
 
-__all__ = ['convert', 'calibrate', 'quantize', 'plan', 'finish_calibration', 'set_quant_mode',
+__all__ = ['convert', 'calibrate', 'quantize', 'plan', 'quant_state', 'finish_calibration',
+           'set_quant_mode',
            'enable_quantizers', 'iter_quantizers', 'quant_summary', 'format_summary']
 
 
@@ -36,7 +37,8 @@ def calibrate(model, batches, forward_fn=None, searches=None, logger=None):
     """
     forward_fn = forward_fn or (lambda m, b: m(b))
     if searches is None:
-        searches = getattr(model, '_mmvq_qcfg', {}).get('searches', [])
+        state = quant_state(model)
+        searches = list(state.searches) if state is not None else []
     searches = [build_search(s) if isinstance(s, dict) else s for s in searches]
     was_training = model.training
     run_calibration(model, list(batches), forward_fn, searches, logger)

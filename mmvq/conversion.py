@@ -45,14 +45,12 @@ import inspect
 import json
 
 import torch
-import torch.nn as nn
 
-from .adapters import find_adapter, generic_sites, model_task
+from .adapters import find_adapter, generic_sites, model_task, split_backbone
 from .modes import iter_quantizers
 from .modules.base import build_quantizer, swap_class
 from .registry import QUANTIZERS
-from .schema import (apply_override, chain_lookup, resolve_role, scope_for_task,
-                     without_config_scope)
+from .schema import QuantConfig, apply_override, chain_lookup, resolve_role, scope_for_task
 
 
 def _apply_hints(cfg, hints):
@@ -66,9 +64,6 @@ def _apply_hints(cfg, hints):
     return cfg
 
 
-WEIGHT_QUANTIZERS = ('UniformQuantizer', )
-
-
 def _check_slot(site, slot, role, cfg):
     """Reject configs that cannot work, naming the role and the fix."""
     if cfg is None:
@@ -77,21 +72,15 @@ def _check_slot(site, slot, role, cfg):
     if qcls is None:
         raise KeyError(f'unknown quantizer type {cfg["type"]!r} for role {role}; registered: '
                        f'{", ".join(sorted(QUANTIZERS.module_dict))}')
-    if slot == 'weight' and qcls.__name__ not in WEIGHT_QUANTIZERS:
+    if slot == 'weight' and not qcls.quantizes_weights:
         raise ValueError(f'{qcls.__name__} cannot quantize weights (role {role} of {site.name}): '
-                         'use UniformQuantizer for weights')
+                         'use UniformQuantizer for weights (or a quantizer with '
+                         'quantizes_weights = True)')
     groups = cfg.get('num_groups')
     channels = getattr(site.module, 'in_features', None)
     if groups is not None and slot == 'input' and channels is not None and groups > channels:
         raise ValueError(f'num_groups={groups} is larger than the {channels} input channels of '
                          f'{site.name} (role {role}): use at most {channels} groups')
-
-
-def _find_backbone(model):
-    backbone = getattr(model, 'backbone', None)
-    if isinstance(backbone, nn.Module):
-        return 'backbone', backbone
-    return '', model
 
 
 def resolve_scope(model, scope='auto'):
@@ -109,7 +98,7 @@ def plan(model, qcfg):
     scope = resolve_scope(model, qcfg.get('scope', 'auto'))
     roles = qcfg.get('roles', {})
     overrides = qcfg.get('overrides', [])
-    prefix, backbone = _find_backbone(model)
+    prefix, backbone = split_backbone(model)
     adapter = find_adapter(backbone)
     sites = list(adapter.sites(backbone, prefix))
     if scope != 'backbone' and prefix:
@@ -160,8 +149,9 @@ def convert(model, qcfg):
     Float ``state_dict`` keys are preserved; quantizer buffers are added
     beside them. Returns the model.
     """
-    qcfg = without_config_scope(copy.deepcopy(dict(qcfg)))
-    integer_ln = bool(qcfg.get('integer_layernorm', False))
+    state = QuantConfig.parse(qcfg)
+    qcfg = state.as_dict()
+    integer_ln = bool(state.integer_layernorm)
     for site, slot_cfgs in plan(model, qcfg):
         if site.wrapper is None:
             raise TypeError(f'no quantized wrapper for {type(site.module).__name__} ({site.name})')
@@ -170,14 +160,23 @@ def convert(model, qcfg):
         if 'integer' in inspect.signature(module.quant_setup).parameters:
             inp = slot_cfgs.get('input')
             kwargs['integer'] = integer_ln and inp is not None \
-                and QUANTIZERS.get(inp['type']) is QUANTIZERS.get('PTFQuantizer')
+                and QUANTIZERS.get(inp['type']).power_of_two_factors
         module.quant_setup(slot_cfgs, **kwargs)
-    fused = qcfg.get('fused', True)
+    fused = state.fused
     if not isinstance(fused, bool):
         raise ValueError(f'quant.fused={fused!r}: use True (fused CPU kernels where they apply) '
                          'or False (eager PyTorch code)')
     for name, q in iter_quantizers(model):
         q.site_name = name
         q.fused = fused
-    model._mmvq_qcfg = qcfg
+    model.__dict__[_STATE_ATTR] = state
     return model
+
+
+_STATE_ATTR = '_mmvq_quant_state'
+
+
+def quant_state(model):
+    """The :class:`~mmvq.schema.QuantConfig` ``model`` was converted with
+    (:func:`convert`), or ``None`` for a model that is not converted."""
+    return model.__dict__.get(_STATE_ATTR)

@@ -1,5 +1,9 @@
 """The quantization block's schema: keys, scopes, role fallbacks, calibration
-settings and their validation (plain dicts; no model, no torch).
+settings and their validation (no model, no torch).
+
+A block is parsed once, by :meth:`QuantConfig.parse` (``mmvq.convert`` does it
+and keeps the result on the model: :func:`mmvq.quant_state`); every default
+below is written once, in :class:`QuantConfig` / :class:`CalibSettings`.
 
 One place for what a ``quant = dict(...)`` block may say, used alike by
 :func:`mmvq.convert`, ``mmvq.PTQLoop``, ``mmvq.PTQHook`` and the tools::
@@ -18,10 +22,85 @@ One place for what a ``quant = dict(...)`` block may say, used alike by
     )
 """
 
-QCFG_KEYS = ('name', 'scope', 'integer_layernorm', 'residual_stream', 'roles', 'overrides',
-             'searches', 'calib', 'fused')
-CALIB_KEYS = ('images', 'split', 'seed', 'store_device', 'store_mb')
+import copy
+import dataclasses
+from typing import Any, Optional, Tuple
+
 SCOPES = ('auto', 'backbone', 'model', 'detector')
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibSettings:
+    """``quant.calib``: what calibration reads, and where its records live.
+
+    Args:
+        images (int | dict | None): calibration images (a dict: per task);
+            ``None``: :func:`calib_images_for` chooses.
+        split (str): the dataloader split drawn from (``'<split>_dataloader'``).
+        seed (int): seed of the draw.
+        store_device (str): where observer records live: ``'cpu'`` or
+            ``'same'`` (the data's device) or a device name.
+        store_mb (int): bound of one observer's sample store, MiB.
+    """
+
+    images: Any = None
+    split: str = 'train'
+    seed: int = 0
+    store_device: str = 'cpu'
+    store_mb: int = 64
+
+    @classmethod
+    def from_dict(cls, calib):
+        calib = {k: v for k, v in dict(calib or {}).items() if k != '_scope_'}
+        unknown = set(calib) - set(CALIB_KEYS)
+        if unknown:
+            raise ValueError(f'unknown key(s) {sorted(unknown)} in quant.calib; allowed: '
+                             f'{sorted(CALIB_KEYS)}')
+        return cls(**calib)
+
+    def store(self):
+        """The observer store policy, ``dict(device, max_bytes)``."""
+        return dict(device=self.store_device, max_bytes=int(self.store_mb) << 20)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """A parsed quantization block (see the module docstring for its keys).
+
+    ``block`` is the block as written (``_scope_`` tags removed): what
+    checkpoints record and what :meth:`as_dict` returns.
+    """
+
+    name: Optional[str] = None
+    scope: str = 'auto'
+    integer_layernorm: bool = False
+    residual_stream: bool = False
+    roles: Any = None
+    overrides: Tuple = ()
+    searches: Tuple = ()
+    calib: CalibSettings = CalibSettings()
+    fused: bool = True
+    block: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def parse(cls, qcfg):
+        """Validate ``qcfg`` (one-line errors, :func:`validate_qcfg`) and parse it."""
+        if isinstance(qcfg, cls):
+            return qcfg
+        validate_qcfg(qcfg)
+        block = without_config_scope(copy.deepcopy(dict(qcfg)))
+        fields = {k: v for k, v in block.items() if k not in ('calib', 'overrides', 'searches')}
+        return cls(**fields, overrides=tuple(block.get('overrides') or ()),
+                   searches=tuple(block.get('searches') or ()),
+                   calib=CalibSettings.from_dict(block.get('calib')), block=block)
+
+    def as_dict(self):
+        """The block as written (a copy)."""
+        return copy.deepcopy(self.block if self.block is not None else {})
+
+
+QCFG_KEYS = tuple(f.name for f in dataclasses.fields(QuantConfig) if f.name != 'block')
+CALIB_KEYS = tuple(f.name for f in dataclasses.fields(CalibSettings))
 
 ROLE_FALLBACK = {
     'linear_weight': 'weight', 'conv_weight': 'weight',
@@ -91,11 +170,7 @@ def validate_qcfg(qcfg):
     if unknown:
         raise ValueError(f'unknown key(s) {sorted(unknown)} in the quant block; allowed: '
                          f'{sorted(QCFG_KEYS)}')
-    calib = qcfg.get('calib') or {}
-    unknown = set(calib) - set(CALIB_KEYS) - {'_scope_'}
-    if unknown:
-        raise ValueError(f'unknown key(s) {sorted(unknown)} in quant.calib; allowed: '
-                         f'{sorted(CALIB_KEYS)}')
+    CalibSettings.from_dict(qcfg.get('calib'))
     if qcfg.get('scope', 'auto') not in SCOPES:
         raise ValueError(f'scope={qcfg["scope"]!r}: use one of {SCOPES}')
     for search in qcfg.get('searches') or []:
@@ -119,10 +194,10 @@ def calib_settings(qcfg, images=None, split=None, seed=None):
     Returns:
         dict: ``images`` (checked, maybe None), ``split``, ``seed``.
     """
-    calib = dict((qcfg or {}).get('calib') or {})
+    calib = CalibSettings.from_dict((qcfg or {}).get('calib'))
     return dict(images=check_calib_images(images),
-                split=split or calib.get('split', 'train'),
-                seed=seed if seed is not None else calib.get('seed', 0))
+                split=split or calib.split,
+                seed=seed if seed is not None else calib.seed)
 
 
 def scope_for_task(task, scope='auto'):

@@ -3,7 +3,8 @@ import torch
 
 from mmvq.calibration import FPCS, IGQAllocation
 from mmvq.calibration.cache import SearchCache
-from mmvq.calibration.driver import _to_host, store_settings
+from mmvq.calibration.driver import store_settings
+from mmvq.utils.dist import to_host as _to_host
 from mmvq.quantizers.observers import SampleStore, calibration_step, store_policy
 
 

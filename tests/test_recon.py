@@ -10,7 +10,7 @@ import torch
 import mmvq
 from helpers import quant_block, tiny_detector_case, tiny_vit_case
 from mmvq.calibration import BlockReconstruction, build_search
-from mmvq.calibration.recon import (GAMMA, ZETA, AdaRoundWeight, LinearTempDecay,
+from mmvq.calibration.searches.recon import (GAMMA, ZETA, AdaRoundWeight, LinearTempDecay,
                                     TrainableActivation, recon_loss)
 from mmvq.checkpoint import load_quantized, save_quantized
 from mmvq.quantizers.uniform import UniformQuantizer
@@ -203,7 +203,7 @@ def test_recon_lowers_the_block_output_error(vit_pair):
 def test_recon_survives_save_and_load_bit_for_bit(vit_pair, tmp_path):
     _, rec, forward, data, _ = vit_pair
     path = str(tmp_path / 'q.pth')
-    qcfg = rec._mmvq_qcfg
+    qcfg = mmvq.quant_state(rec).as_dict()
     save_quantized(rec, path, qcfg)
     fresh, _, _ = tiny_vit_case()
     load_quantized(fresh, path, qcfg)

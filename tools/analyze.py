@@ -120,7 +120,7 @@ def analyze(args):
         owner = mods[name.rsplit('.', 1)[0]]
         lis = getattr(getattr(owner, 'softmax', None), 'lis_quantizer', None)
         a = mods[name].a_quantizer
-        return lis if isinstance(lis, analysis.LogIntSoftmax) else a
+        return lis if getattr(lis, 'integer_softmax', False) else a
 
     analysis.plot_histograms({n: acts[n] for n in sm}, {n: softmax_quantizer(n) for n in sm},
                              osp.join(work, 'plots', 'post_softmax_hist.png'), f'post-softmax: {title}')

@@ -1,5 +1,6 @@
 """Backbone adapters (one file per backbone family)."""
-from .base import ADAPTERS, BaseAdapter, Site, generic_sites, model_task, register_adapter
+from .base import (ADAPTERS, BaseAdapter, Site, generic_sites, model_task, register_adapter,
+                   split_backbone)
 from .swin import QuantWindowMSA, SwinAdapter
 from .vit import QuantMultiheadAttention, ViTAdapter
 
@@ -15,5 +16,6 @@ def find_adapter(backbone):
 
 
 __all__ = ['ADAPTERS', 'BaseAdapter', 'Site', 'generic_sites', 'model_task', 'register_adapter',
+           'split_backbone',
            'find_adapter', 'SwinAdapter', 'ViTAdapter', 'QuantWindowMSA',
            'QuantMultiheadAttention']

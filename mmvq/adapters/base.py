@@ -151,7 +151,7 @@ class BaseAdapter:
 
     def blocks(self, backbone, prefix):
         """Yield ``(name, module, kind)`` of the units block reconstruction
-        optimises (:mod:`mmvq.calibration.recon`), in forward order: the patch
+        optimises (:mod:`mmvq.calibration.searches.recon`), in forward order: the patch
         embedding (``'patch_embed'``), every residual block (``'block'``) and
         every patch merging (``'merging'``), none inside another."""
         block_types = tuple(self.residual_blocks) + tuple(self.patch_merging)
@@ -197,6 +197,16 @@ def _logit_layers(model):
         return set()
     return {f'head.{n}' for n, m in head.named_modules()
             if isinstance(m, nn.Linear) and m.out_features == classes}
+
+
+def split_backbone(model):
+    """``(prefix, backbone)``: ``('backbone', model.backbone)`` for an mmdet /
+    mmpretrain model with a backbone module, else ``('', model)`` (a bare
+    backbone). The one place mmvq decides what "the backbone" is."""
+    backbone = getattr(model, 'backbone', None)
+    if isinstance(backbone, nn.Module):
+        return 'backbone', backbone
+    return '', model
 
 
 def _reads_final_layernorm(model):

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quantizers.observers import KeyedObserver, _Step, to_store
+from ..quantizers.observers import KeyedObserver, expected_steps, to_store
 
 
 def _stride(n, cap):
@@ -59,7 +59,7 @@ class SearchCache(KeyedObserver):
         self.max_windows = max_windows
 
     def record(self, inputs):
-        exp = _Step.expected
+        exp = expected_steps()
         if self.kind in ('linear', 'conv'):
             x = inputs[0].detach().float()
             if self.kind == 'conv':

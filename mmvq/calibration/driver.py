@@ -28,40 +28,25 @@ gathered across ranks, whatever the device.
 import time
 
 import torch
-import torch.distributed as dist
 
 from ..modes import iter_quantizers, set_quant_mode
-from ..quantizers.observers import DEFAULT_STORE, KeyedObserver, calibration_step, store_policy
+from ..conversion import quant_state
+from ..quantizers.observers import KeyedObserver, calibration_step, store_policy
+from ..schema import CalibSettings
+from ..utils.dist import gather_to_all, rank_world
 from ..utils.memory import release_memory
 from .cache import iter_search_caches
 from .reparam import fold_adalog_shifts
 from .search import build_search
 
 
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _observers(obj):
     return {k: v for k, v in vars(obj).items() if isinstance(v, KeyedObserver)}
 
 
-def _to_host(obj):
-    """``obj`` with every tensor moved to the CPU (for pickling across ranks)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_host(v) for v in obj)
-    return obj
-
-
 def sync_observers(model):
     """Merge every observer's and search cache's records across ranks."""
-    rank, world = _world()
+    rank, world = rank_world()
     if world == 1:
         return
     local = {}
@@ -70,8 +55,7 @@ def sync_observers(model):
             local[f'{name}:{attr}'] = obs.records
     for name, cache in iter_search_caches(model):
         local[f'{name}:cache'] = cache.records
-    gathered = [None] * world
-    dist.all_gather_object(gathered, _to_host(local))
+    gathered = gather_to_all(local)
     merged = {}
     for key in local:
         merged[key] = [g[key] for r, g in enumerate(gathered) if r != rank]
@@ -84,7 +68,7 @@ def sync_observers(model):
 
 def observe(model, samples, forward_fn, progress=None):
     """Run the calibration forwards (sharded over ranks, keyed by position)."""
-    rank, world = _world()
+    rank, world = rank_world()
     n = len(samples)
     model.eval()
     set_quant_mode(model, 'calib')
@@ -108,9 +92,7 @@ def initialise_parameters(model):
 
 def store_settings(qcfg):
     """Observer store policy from a quantization block's ``calib`` dict."""
-    calib = dict((qcfg or {}).get('calib', {}))
-    return dict(device=calib.get('store_device', DEFAULT_STORE['device']),
-                max_bytes=int(calib.get('store_mb', DEFAULT_STORE['max_bytes'] >> 20)) << 20)
+    return CalibSettings.from_dict((qcfg or {}).get('calib')).store()
 
 
 def run_calibration(model, samples, forward_fn, searches=(), logger=None, progress=None,
@@ -137,7 +119,8 @@ def run_calibration(model, samples, forward_fn, searches=(), logger=None, progre
     try:
         for search in searches:
             search.attach(model)
-        store = store or store_settings(getattr(model, '_mmvq_qcfg', None))
+        state = quant_state(model)
+        store = store or (state.calib if state is not None else CalibSettings()).store()
         t0 = time.perf_counter()
         with store_policy(**store):
             observe(model, samples, forward_fn, progress)
@@ -150,8 +133,7 @@ def run_calibration(model, samples, forward_fn, searches=(), logger=None, progre
         log(f'[mmvq] initial quantization parameters in {times["init_params"]:.2f} s')
         for search in searches:
             t0 = time.perf_counter()
-            if hasattr(search, 'bind'):          # stages that run forwards of their own
-                search.bind(samples, forward_fn)
+            search.bind(samples, forward_fn)
             try:
                 search.run(model, log)
             finally:

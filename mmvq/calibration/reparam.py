@@ -37,8 +37,6 @@ import torch
 import torch.nn as nn
 
 from ..modules.linear import QuantLinear
-from ..quantizers.adalog import AdaLogQuantizer
-from ..quantizers.uniform import UniformQuantizer
 from .grid import row_fpcs, row_grid, self_losses
 
 # (LayerNorm attribute, Linear path) of the blocks mmvq adapts: mmpretrain's
@@ -74,7 +72,7 @@ def ln_linear_pairs(model, include_padded=False):
             if lin_path in PADDED and not include_padded:
                 continue
             iq = lin.input_quantizer
-            if not (isinstance(iq, UniformQuantizer) and iq.enabled and iq.ch_axis is None
+            if not (getattr(iq, 'free_affine', False) and iq.enabled and iq.ch_axis is None
                     and not iq.symmetric):
                 continue
             if not ln.elementwise_affine:
@@ -121,7 +119,7 @@ def reparameterize(ln, linear, x):
     linear.bias.add_(linear.weight @ b)
     iq.set_params(s, z)
     wq = linear.weight_quantizer
-    if _active(wq) and isinstance(wq, UniformQuantizer):
+    if _active(wq) and wq.quantizes_weights:
         wq.reset_observer()
         wq.observe(linear.weight)
         wq.calibrate()
@@ -133,6 +131,6 @@ def fold_adalog_shifts(model):
     (AdaLog's bias reparameterization of the post-GELU shift)."""
     for module in model.modules():
         q = getattr(module, 'input_quantizer', None)
-        if (isinstance(module, nn.Linear) and isinstance(q, AdaLogQuantizer) and q.shifted
+        if (isinstance(module, nn.Linear) and getattr(q, 'shifted', False)
                 and q.enabled and q.is_calibrated()):
             q.fold_shift_into(module)

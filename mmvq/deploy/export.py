@@ -45,6 +45,7 @@ from ..quantizers.igq import IGQQuantizer
 from ..quantizers.lis import LogIntSoftmax
 from ..quantizers.ptf import PTFQuantizer
 from ..quantizers.uniform import UniformQuantizer
+from ..utils.classmap import ClassMap
 from ..utils.optional import require
 from .graphs import adalog_graph, igq_graph, int_layer_norm_graph, lis_softmax_graph
 from .qdq import qdq_fn, uniform_qdq_fn, weight_dq_fn
@@ -94,8 +95,7 @@ def _recorded(name, fn, calls):
 def _linear_forward(m, name, calls):
     if not _active(m.weight_quantizer):
         return None
-    weight = _recorded(f'{name}.weight_quantizer',
-                       weight_dq_fn(m.weight_quantizer, m.weight, transpose=True), calls)
+    weight = _recorded(f'{name}.weight_quantizer', _weight_fn(m, name, transpose=True), calls)
 
     def forward(x):
         y = torch.matmul(m.input_quantizer(x), weight())
@@ -108,7 +108,7 @@ def _linear_forward(m, name, calls):
 def _conv_forward(m, name, calls):
     if not _active(m.weight_quantizer):
         return None
-    weight = _recorded(f'{name}.weight_quantizer', weight_dq_fn(m.weight_quantizer, m.weight), calls)
+    weight = _recorded(f'{name}.weight_quantizer', _weight_fn(m, name), calls)
 
     def forward(x):
         return m.output_quantizer(m._conv_forward(m.input_quantizer(x), weight(), m.bias))
@@ -155,6 +155,63 @@ def _igq_forward(q):
     return forward
 
 
+class ExportForm:
+    """How one quantizer class is written in ONNX (register with
+    :func:`register_export_form`).
+
+    Args:
+        form (str): the export report's name for it (``'qdq'``, ``'emulated: ...'``).
+        forward (callable | None): ``forward(quantizer) -> fn``, ``fn(x)`` the
+            quantizer's output in exportable operations (made once per export;
+            e.g. :func:`mmvq.deploy.qdq.qdq_fn`); ``None``: the wrapper that
+            owns the quantizer writes it (Log-Int-Softmax).
+        qdq (bool): ``fn`` writes ``QuantizeLinear -> DequantizeLinear`` pairs
+            (``fn.pairs`` of them, default 1), which the export names after
+            the quantizer; other ops must not include ``QuantizeLinear``.
+        weight (callable | None): ``weight(quantizer, w, transpose=False) -> fn``,
+            ``fn()`` the weight as integer codes + ``DequantizeLinear``
+            (:func:`mmvq.deploy.qdq.weight_dq_fn` for an ``affine`` quantizer);
+            ``None``: the class cannot be exported as a Linear / Conv2d weight.
+    """
+
+    def __init__(self, form, forward=None, qdq=False, weight=None):
+        self.form = form
+        self.forward = forward
+        self.qdq = bool(qdq)
+        self.weight = weight
+
+
+#: per quantizer class (subclasses inherit): its ONNX form
+EXPORT_FORMS = ClassMap('ONNX export form',
+                        'register one with mmvq.deploy.register_export_form(<class>, '
+                        'ExportForm(...)), or disable the quantizer (mmvq.enable_quantizers)')
+
+
+def register_export_form(cls, form, force=False):
+    """Register ``form`` (an :class:`ExportForm`) for quantizer class ``cls``."""
+    if not isinstance(form, ExportForm):
+        raise TypeError(f'register_export_form({cls.__name__}, ...): pass an ExportForm, '
+                        f'not {type(form).__name__}')
+    return EXPORT_FORMS.register(cls, form, force=force)
+
+
+register_export_form(UniformQuantizer, ExportForm(QDQ, uniform_qdq_fn, qdq=True,
+                                                  weight=weight_dq_fn))
+register_export_form(PTFQuantizer, ExportForm(PTF_QDQ, _ptf_forward, qdq=True))
+register_export_form(AdaLogQuantizer, ExportForm(EMULATED['adalog'], _adalog_forward))
+register_export_form(IGQQuantizer, ExportForm(EMULATED['igq'], _igq_forward))
+register_export_form(LogIntSoftmax, ExportForm(EMULATED['lis']))   # QuantSoftmax writes it
+
+
+def _weight_fn(m, name, **kwargs):
+    wq = m.weight_quantizer
+    form = EXPORT_FORMS.require(wq, f'{name}.weight_quantizer')
+    if form.weight is None:
+        raise LookupError(f'{name}.weight_quantizer: {type(wq).__name__} has no ONNX weight form: '
+                          'give its ExportForm a weight= (mmvq.deploy.register_export_form)')
+    return form.weight(wq, m.weight, **kwargs)
+
+
 def _quantizer_plan(model, calls):
     """``{quantizer: (form, forward or None)}`` for every active quantizer;
     the QDQ forwards record their calls in ``calls``."""
@@ -165,21 +222,15 @@ def _quantizer_plan(model, calls):
         if not _active(q):
             continue
         _check_ready(name, q)
+        form = EXPORT_FORMS.require(q, name)
         if id(q) in weights:
             plan[name] = (WEIGHT_DQ, None)          # the wrapper writes codes + DQ
-        elif isinstance(q, UniformQuantizer):
-            plan[name] = (QDQ, _recorded(name, uniform_qdq_fn(q), calls))
-        elif isinstance(q, PTFQuantizer):
-            plan[name] = (PTF_QDQ, _recorded(name, _ptf_forward(q), calls))
-        elif isinstance(q, AdaLogQuantizer):
-            plan[name] = (EMULATED['adalog'], _adalog_forward(q))
-        elif isinstance(q, IGQQuantizer):
-            plan[name] = (EMULATED['igq'], _igq_forward(q))
-        elif isinstance(q, LogIntSoftmax):
-            plan[name] = (EMULATED['lis'], None)     # QuantSoftmax runs it
+        elif form.forward is None:
+            plan[name] = (form.form, None)
+        elif form.qdq:
+            plan[name] = (form.form, _recorded(name, form.forward(q), calls))
         else:
-            raise NotImplementedError(f'{name}: no ONNX export for {type(q).__name__}; '
-                                      'disable it (mmvq.enable_quantizers) or add its export form')
+            plan[name] = (form.form, form.forward(q))
     return plan
 
 
@@ -377,4 +428,5 @@ def report_json(report):
                       default=str)
 
 
-__all__ = ['export_onnx', 'export_mode', 'QDQ', 'PTF_QDQ', 'WEIGHT_DQ', 'EMULATED']
+__all__ = ['export_onnx', 'export_mode', 'ExportForm', 'EXPORT_FORMS', 'register_export_form',
+           'QDQ', 'PTF_QDQ', 'WEIGHT_DQ', 'EMULATED']

@@ -71,7 +71,7 @@ class QuantModuleMixin:
         """
         wq, w = self.weight_quantizer, self.weight
         if (torch.is_grad_enabled() or isinstance(wq, nn.Identity) or wq.mode != 'quant'
-                or not wq.enabled or not hasattr(wq, 'codes')):
+                or not wq.enabled or not getattr(wq, 'affine', False)):
             return wq(w)
         key = (id(w), w._version, w.dtype, w.device,
                tuple((id(b), b._version) for b in wq.buffers()))

@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from ..quantizers import fused as _fused
 from ..quantizers.base import host_value
 from ..quantizers.exact import chunk_elems
-from ..quantizers.ptf import PTFQuantizer, int_layer_norm
-from ..quantizers.uniform import UniformQuantizer
+from ..quantizers.ptf import int_layer_norm
 from ..registry import QUANT_WRAPPERS
 from .base import QuantModuleMixin
 
@@ -40,8 +39,9 @@ class QuantLayerNorm(QuantModuleMixin):
         super().quant_setup(slot_cfgs)
         self.integer = bool(integer)
         self.first_token = bool(first_token)
-        if self.integer and not (isinstance(self.input_quantizer, PTFQuantizer)
-                                 and isinstance(self.output_quantizer, UniformQuantizer)):
+        iq, oq = self.input_quantizer, self.output_quantizer
+        if self.integer and not (getattr(iq, 'power_of_two_factors', False)
+                                 and getattr(oq, 'affine', False)):
             raise ValueError('integer LayerNorm needs a PTFQuantizer input and a per-tensor '
                              'UniformQuantizer output: set roles ln_input/ln_output')
 

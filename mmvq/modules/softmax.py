@@ -3,7 +3,7 @@ import torch.nn as nn
 
 from ..quantizers import fused as _fused
 from ..quantizers.base import host_value
-from ..quantizers.lis import LogIntSoftmax, lis_fused
+from ..quantizers.lis import lis_fused
 from ..registry import QUANT_WRAPPERS
 from .base import QuantModuleMixin
 
@@ -26,7 +26,7 @@ class QuantSoftmax(QuantModuleMixin):
 
     def lis_active(self):
         lis, iq = self.lis_quantizer, self.input_quantizer
-        return (isinstance(lis, LogIntSoftmax) and lis.enabled and lis.mode == 'quant'
+        return (getattr(lis, 'integer_softmax', False) and lis.enabled and lis.mode == 'quant'
                 and getattr(iq, 'enabled', False) and iq.mode == 'quant')
 
     def mmvq_prime(self):

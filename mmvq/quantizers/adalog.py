@@ -299,6 +299,10 @@ class AdaLogQuantizer(BaseQuantizer):
                 linear.bias.add_(delta.to(linear.bias.dtype))
         self.bias_folded.fill_(True)
 
+    def levels(self):
+        t = (2.0 ** -self.table1 * self.table2 * self.scale).tolist()
+        return [v - float(self.shift) if self.shifted and not self.is_folded() else v for v in t]
+
     def summary(self):
         base = f'2^({int(self.q)}/{self.r})'
         return dict(kind=self.kind + ('+shift' if self.shifted else ''), bits=self.bits,

@@ -81,6 +81,38 @@ class BaseQuantizer(nn.Module):
     # set per model from the quantization block's ``fused`` key by convert()
     fused = True
 
+    # ----------------------------------------------------------- capabilities
+    # What the rest of mmvq may ask of a quantizer. Code outside
+    # ``mmvq.quantizers`` reads these (and the per-class registries:
+    # mmvq.deploy.EXPORT_FORMS, mmvq.calibration.FPCS_STRATEGIES /
+    # RECON_TREATMENTS), never the concrete class (tests/unit/test_capabilities.py).
+    #: may sit in a Linear / Conv2d weight slot: ``observe(weight)`` + ``calibrate()``
+    #: set its parameters from the weight alone (``mmvq.convert`` refuses others there)
+    quantizes_weights = False
+    #: its codes are ``clamp(round(x / s) + z, qmin, qmax)`` with buffers ``scale`` and
+    #: ``zero_point`` (one value, or one per index of ``ch_axis``), attributes ``qmin``,
+    #: ``qmax``, ``ch_axis`` and methods ``codes(x)`` (an integer tensor),
+    #: ``dequantize(codes, dtype)`` (``(c - z) s``, equal to ``fake_quant``) and
+    #: ``_view(param, x)``: cached integer weight codes, integer weight codes in ONNX, the
+    #: integer LayerNorm's output grid, BOP counts of IGQ allocation, AdaRound
+    affine = False
+    #: ``affine`` and ``set_params(scale, zero_point)`` accepts any positive scale and any
+    #: zero point in ``[qmin, qmax]`` (``symmetric`` says whether it is fixed at the
+    #: middle): the LayerNorm reparameterization moves its range
+    free_affine = False
+    #: a power-of-two-factor quantizer (FQ-ViT PTF): per-channel factors ``alpha`` on one
+    #: ``scale`` / ``zero_point``; ``channel_scale()``; the integer LayerNorm reads its codes
+    power_of_two_factors = False
+    #: a softmax quantizer taking logits (FQ-ViT Log-Int-Softmax): the quantized softmax
+    #: wrapper hands it the logits and its input quantizer's scale
+    integer_softmax = False
+    #: instance-aware groups whose count an allocation may choose:
+    #: ``regrouped(num_groups)`` returns a calibrated copy with that many groups
+    allocates_groups = False
+    #: a shift added before quantization that a reparameterization may fold into the
+    #: preceding Linear's bias (AdaLog post-GELU): ``fold_shift_into(linear)``
+    shifted = False
+
     def __init__(self, bits=8, enabled=True):
         super().__init__()
         self.bits = check_bits(bits)
@@ -155,6 +187,10 @@ class BaseQuantizer(nn.Module):
 
     def reset_observer(self):
         """Forget observed statistics (parameters stay)."""
+
+    def levels(self):
+        """The dequantized values a code can take (for plots), or ``None``."""
+        return None
 
     def summary(self):
         """One-line description: kind, bits, granularity."""

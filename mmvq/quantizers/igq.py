@@ -113,6 +113,7 @@ class IGQQuantizer(BaseQuantizer):
     """
 
     kind = 'igq'
+    allocates_groups = True
 
     def __init__(self, bits=4, num_groups=8, unit='channel', max_units=200000, enabled=True):
         super().__init__(bits, enabled)
@@ -187,6 +188,16 @@ class IGQQuantizer(BaseQuantizer):
             out = fake_quant_affine(x3, s[:, None, :], z[:, None, :], self.qmin, self.qmax)
             return out.reshape(x.shape)
         return restore(fake_quant_affine(view, s[..., None], z[..., None], self.qmin, self.qmax))
+
+    def regrouped(self, num_groups):
+        """A copy with ``num_groups`` groups fitted on this quantizer's stored
+        samples (IGQ's group-count allocation), on this quantizer's device."""
+        with torch.device(self.scale.device):
+            g = type(self)(bits=self.bits, num_groups=num_groups, unit=self.unit,
+                           max_units=self.max_units)
+        g.store = self.store
+        g.calibrate()
+        return g
 
     def summary(self):
         return dict(kind=self.kind, bits=self.bits,

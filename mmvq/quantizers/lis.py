@@ -315,6 +315,7 @@ class LogIntSoftmax(BaseQuantizer):
     """
 
     kind = 'lis'
+    integer_softmax = True
 
     def __init__(self, bits=4, n=30, enabled=True):
         super().__init__(check_bits(bits), enabled)
@@ -340,6 +341,9 @@ class LogIntSoftmax(BaseQuantizer):
 
     def fake_quant(self, x):
         raise RuntimeError('LogIntSoftmax quantizes logits, call .softmax(logits, scale)')
+
+    def levels(self):
+        return [2.0 ** -k for k in range(2 ** self.bits)]
 
     def summary(self):
         return dict(kind=self.kind, bits=self.bits, granularity='tensor (log2, int softmax)')

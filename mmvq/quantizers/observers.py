@@ -28,19 +28,25 @@ import contextlib
 
 import torch
 
+from ..schema import CalibSettings
+
+DEFAULT_STORE = CalibSettings().store()      # dict(device='cpu', max_bytes=64 MiB)
+
 
 class _Step:
     key = None          # current calibration step (int) or None
     expected = 1        # number of calibration steps, bounds stored samples
-    store_device = 'cpu'        # where records live: a device or 'same' (the data's)
-    max_bytes = 64 << 20        # per sample store
+    store_device = DEFAULT_STORE['device']   # where records live: a device or 'same' (the data's)
+    max_bytes = DEFAULT_STORE['max_bytes']   # per sample store
 
 
-DEFAULT_STORE = dict(device='cpu', max_bytes=64 << 20)
+def expected_steps():
+    """Number of calibration steps of the current pass (bounds stored samples)."""
+    return _Step.expected
 
 
 @contextlib.contextmanager
-def store_policy(device='cpu', max_bytes=64 << 20):
+def store_policy(device=DEFAULT_STORE['device'], max_bytes=DEFAULT_STORE['max_bytes']):
     """Where observer records live and how large one sample store may grow.
 
     Args:

@@ -50,6 +50,7 @@ class PTFQuantizer(BaseQuantizer):
     """
 
     kind = 'ptf'
+    power_of_two_factors = True
 
     def __init__(self, bits=8, max_factor=3, tied_channels=1, enabled=True):
         super().__init__(bits, enabled)

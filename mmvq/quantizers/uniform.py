@@ -94,6 +94,9 @@ class UniformQuantizer(BaseQuantizer):
     """
 
     kind = 'uniform'
+    quantizes_weights = True
+    affine = True
+    free_affine = True
 
     def __init__(self, bits=8, symmetric=False, granularity='tensor', ch_axis=-1,
                  observer='minmax', momentum=0.9, percentile=99.99, enabled=True,
@@ -204,6 +207,10 @@ class UniformQuantizer(BaseQuantizer):
                 return y
         return fake_quant_affine(x, self._view(self.scale, x), self._view(self.zero_point, x),
                                  self.qmin, self.qmax)
+
+    def levels(self):
+        s, z = float(self.scale.reshape(-1)[0]), float(self.zero_point.reshape(-1)[0])
+        return [(k - z) * s for k in range(self.qmin, self.qmax + 1)]
 
     def summary(self):
         gran = self.granularity if self.granularity != 'channel' else f'channel(axis={self.ch_axis})'

@@ -92,7 +92,7 @@ class PTQSession:
                 # stages recording on images of their own (block reconstruction:
                 # 1,024 / 256): the same split and seed, so they start with the
                 # calibration images
-                want = s.wanted_images(self.task) if hasattr(s, 'wanted_images') else None
+                want = s.wanted_images(self.task)
                 if want and want != self.calib_images:
                     own = CalibrationSamples(
                         loader, runner.cfg.test_dataloader.dataset.pipeline, want, self.seed,

@@ -1,92 +1,24 @@
-"""Block reconstruction: AdaRound weight rounding (+ LSQ activation scales,
-QDrop) learned block by block on the block-output error (``block_recon``).
-
-The last search stage of the 4- and 3-bit recipes, after the observers and
-the other searches have set every quantization parameter. References:
-
-* **AdaLog "Retrain"** (GoatWu/AdaLog ``utils/block_recon.py::BlockReconstructor``,
-  ``quantizers/adaround.py``), the classification default: units are the
-  patch embedding, every ViT/Swin block, every PatchMerging and the
-  classifier head; each unit's **float inputs** (the reference's ``raw``
-  mode) and float outputs are recorded on 1,024 images; 20,000 Adam steps
-  per unit on batches of 32 drawn at random; loss
-  ``||f_q(x) - f(x)||_2^2`` summed over dim 1, averaged over the rest, / 10
-  (KL divergence of the softmaxes for the head) plus the AdaRound
-  regulariser ``lambda * sum(1 - |2 h(V) - 1|^beta)`` with ``lambda = 0.01``,
-  ``beta`` from 20 to 2 linearly after a warm-up of 20 % of the steps, during
-  which the regulariser is off; ``h(V) = clamp(sigmoid(V) (zeta - gamma) +
-  gamma, 0, 1)``, ``zeta = 1.1``, ``gamma = -0.1``, ``V`` initialised so
-  ``h(V)`` equals the fractional part of ``w / s`` (so the hard rounding
-  starts as round-to-nearest). ``V`` learns with Adam at PyTorch's default
-  rate (1e-3); activation scales (``learn_act_scale``) with Adam at 4e-5 and
-  a cosine schedule to 0. After the last step the rounding is hard
-  (``V >= 0``).
-* **APHQ-ViT detection** (QDrop mode, 256 COCO images), the detection
-  default: the same, with QDrop (Wei et al., ICLR'22): during reconstruction
-  each activation quantizer's output is replaced, element by element with
-  probability ``drop_prob = 0.5``, by its float input.
-
-What is learned: the rounding of every **uniform weight quantizer** inside a
-unit (Linear / Conv2d weights) and, with ``learn_act_scale``, the scale of
-every **uniform activation quantizer** inside it (the zero point stays).
-Log quantizers (AdaLog, LIS), PTF and IGQ groups keep their calibrated
-parameters; during reconstruction their outputs pass gradients straight
-through (``y = q(x) + x - sg(x)``: identity gradient, where the reference's
-``round_ste`` also passes zero outside the clipping range); a learned uniform
-quantizer uses the reference's form ``(clamp(round_ste(x / s) + z) - z) s``.
-
-The result is folded: each weight becomes ``(clamp(floor(w/s) + [V >= 0] +
-z, qmin, qmax) - z) s``, whose codes under the unchanged weight quantizer
-are exactly the learned integers (``round`` of an integer times ``s`` divided
-by ``s`` is that integer), so the quantized forward, ``--save-quantized`` /
-``--load-quantized`` and the deploy exports need nothing new; learned
-activation scales are written into the quantizers' ``scale`` buffers.
-
-Deliberate differences (also in ``results.json`` -> ``calibration.searches``):
-
-* The CPU preset runs ``iters=300`` steps per unit instead of 20,000
-  (``budget_preset='accelerator'`` or ``iters=20000`` restores it), and
-  without QDrop unless ``drop_prob`` is given (at 300 steps a rounding
-  learned on half-float blocks lost 0.5 box AP on the tiny detector against
-  none); images stay the reference's (1,024 / 256, capped at the split's
-  size).
-* APHQ ranks blocks by a Hessian-guided loss (``optim_metric=
-  'hessian_perturb'``); here every unit uses the plain output MSE above.
-* A model without a known unit type (a custom backbone) gets none: the stage
-  reports that and changes nothing.
-
-Devices and ranks: unit inputs/outputs are recorded with the model in float
-mode, kept on the host (``store_device='cpu'``, default) or on the model's
-device (``'same'``), and moved a batch at a time to the model's device; units
-are recorded in as few passes over the images as fit in ``store_mb``. Under
-a distributed launcher every rank records its share of the images, the
-records are gathered in image order, and every rank runs the same seeded
-optimisation on the same data: identical results on every rank and for any
-world size.
-"""
+"""The ``block_recon`` search stage: record each unit's float calls, learn
+its rounding (and activation scales) on the block-output error, fold them."""
 import fnmatch
-import math
 import time
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from ..adapters import model_task
-from ..modes import set_quant_mode
-from ..modules.base import module_device
-from ..modules.layernorm import QuantLayerNorm
-from ..modules.softmax import QuantSoftmax
-from ..quantizers.base import BaseQuantizer
-from ..quantizers.uniform import UniformQuantizer
-from ..registry import SEARCHES
-from ..utils.progress import progress_bar
-from .driver import _to_host, _world
-from .search import BaseSearch
+from ....adapters import model_task, split_backbone
+from ....modes import set_quant_mode
+from ....modules.base import module_device
+from ....quantizers.base import BaseQuantizer
+from ....registry import SEARCHES
+from ....utils.dist import gather_to_all, rank_world
+from ....utils.progress import progress_bar
+from ...search import BaseSearch
+from .learn import (LinearTempDecay, TrainableActivation, integer_owner, is_weight_slot,
+                    recon_loss, treatment_of)
+from .record import UnitRecord
+from .units import find_units, outer_units
 
-ZETA, GAMMA = 1.1, -0.1
 # classification: AdaLog's BlockReconstructor (1,024 images, batches of 32);
 # detection: APHQ-ViT (256 COCO images, QDrop); its batch size is not in our
 # reference notes: 2 images a step (a 1333x800 Swin stage-1 block holds
@@ -94,237 +26,6 @@ ZETA, GAMMA = 1.1, -0.1
 TASK_DEFAULTS = dict(classification=dict(images=1024, drop_prob=0.0, batch_size=32),
                      detection=dict(images=256, drop_prob=0.5, batch_size=2))
 OTHER_DEFAULTS = dict(images=None, drop_prob=0.0, batch_size=32)
-
-
-# --------------------------------------------------------------- learnables
-class AdaRoundWeight(nn.Module):
-    """Learned rounding of one weight under a uniform weight quantizer.
-
-    Takes the quantizer's place during reconstruction:
-    ``(clamp(floor(w/s) + h + z, qmin, qmax) - z) s`` with ``h = h(V)`` (soft)
-    or ``[V >= 0]`` (hard).
-
-    Args:
-        quantizer (UniformQuantizer): the calibrated weight quantizer.
-        weight (Tensor): the float weight.
-    """
-
-    mode = 'quant'
-    enabled = True
-
-    def __init__(self, quantizer, weight):
-        super().__init__()
-        self.__dict__['quantizer'] = quantizer          # not a child: no second state_dict entry
-        w = weight.detach()
-        self.s = quantizer._view(quantizer.scale, w).detach().clone()
-        self.z = quantizer._view(quantizer.zero_point, w).detach().clone()
-        x = torch.div(w, self.s)
-        self.floor = torch.floor(x)
-        rest = (x - self.floor).clamp(0, 1)
-        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
-        self.soft = True
-
-    def h(self):
-        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
-
-    def codes(self):
-        """The hard integers ``c`` (``w_hat = c s``), float."""
-        q = self.quantizer
-        up = (self.alpha.detach() >= 0).to(self.floor.dtype)
-        return torch.clamp(self.floor + up + self.z, q.qmin, q.qmax) - self.z
-
-    def forward(self, w):
-        if not self.soft:
-            return self.codes() * self.s
-        q = self.quantizer
-        return (torch.clamp(self.floor + self.h() + self.z, q.qmin, q.qmax) - self.z) * self.s
-
-    def regulariser(self, beta):
-        return (1 - (self.h() - 0.5).abs().mul(2).pow(beta)).sum()
-
-
-def _round_ste(x):
-    return x + (torch.round(x) - x).detach()
-
-
-class TrainableActivation(nn.Module):
-    """An activation quantizer during reconstruction: straight-through
-    gradients, an optional learned scale (uniform quantizers) and QDrop.
-
-    Args:
-        quantizer (BaseQuantizer): the calibrated quantizer it stands for.
-        learn_scale (bool): learn the scale (uniform quantizers only).
-        drop_prob (float): QDrop probability of keeping an element float.
-        generator (torch.Generator): draws the QDrop masks.
-    """
-
-    mode = 'quant'
-    enabled = True
-
-    def __init__(self, quantizer, learn_scale, drop_prob, generator):
-        super().__init__()
-        self.__dict__['quantizer'] = quantizer
-        self.learn = bool(learn_scale) and isinstance(quantizer, UniformQuantizer)
-        if self.learn:
-            self.scale = nn.Parameter(quantizer.scale.detach().clone())
-        self.drop_prob = float(drop_prob)
-        self.generator = generator
-        self.drop = False
-
-    def forward(self, x, inplace=False):
-        q = self.quantizer
-        if self.learn:
-            s, z = q._view(self.scale, x), q._view(q.zero_point, x)
-            y = (torch.clamp(_round_ste(x / s) + z, q.qmin, q.qmax) - z) * s
-        else:
-            with torch.no_grad():
-                y = q(x.detach())
-            y = y + (x - x.detach()) if x.requires_grad else y
-        if self.drop and self.drop_prob > 0:
-            keep = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
-            y = torch.where(keep, x, y)
-        return y
-
-
-def _is_weight_slot(parent, attr):
-    return attr == 'weight_quantizer'
-
-
-def _integer_owner(parent):
-    """Modules whose forward reads their quantizers' internals (FQ-ViT's
-    integer LayerNorm and Log-Int-Softmax): their quantizers stay in place."""
-    return (isinstance(parent, QuantLayerNorm) and getattr(parent, 'integer', False)) or \
-        isinstance(parent, QuantSoftmax)
-
-
-# ------------------------------------------------------------------- units
-def _has_uniform_weight(unit):
-    return any(isinstance(getattr(m, 'weight_quantizer', None), UniformQuantizer)
-               and m.weight_quantizer.enabled for m in unit.modules())
-
-
-def find_units(model):
-    """``(name, module, kind)`` of the backbone's units, in forward order:
-    patch embedding, blocks, patch merging (the adapter's
-    :meth:`~mmvq.adapters.base.BaseAdapter.blocks`) holding a uniform weight
-    quantizer; the units outside the backbone are :func:`outer_units`."""
-    from ..adapters import find_adapter
-    backbone = getattr(model, 'backbone', None)
-    prefix = 'backbone' if isinstance(backbone, nn.Module) else ''
-    backbone = backbone if prefix else model
-    try:
-        adapter = find_adapter(backbone)
-    except Exception:  # noqa: BLE001 - a backbone no adapter knows: no units
-        return []
-    units = [(n, m, k) for n, m, k in adapter.blocks(backbone, prefix) if _has_uniform_weight(m)]
-    return units
-
-
-class _Record:
-    """Inputs and outputs of one unit's calls, grouped so calls of equal
-    shape (every image of a classifier) are one batch along dim 0."""
-
-    def __init__(self):
-        self.calls = {}          # key -> (in_leaves, in_spec, out_leaves)
-        self.groups = []
-
-    def add(self, key, args, kwargs, output, store):
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        out_leaves, _ = pytree.tree_flatten(output)
-        self.calls[key] = ([_store(v, store) for v in leaves], spec,
-                           [_store(v, store) for v in out_leaves if torch.is_tensor(v)])
-
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for leaves, _, outs in self.calls.values()
-                   for t in list(leaves) + list(outs) if torch.is_tensor(t))
-
-    def build(self):
-        """Group the calls (in key order) into concatenated batches."""
-        buckets = {}
-        for key in sorted(self.calls):
-            leaves, spec, outs = self.calls[key]
-            tensors = [t for t in leaves if torch.is_tensor(t)] + outs
-            rows = tensors[0].shape[0] if tensors and tensors[0].dim() else 0
-            batchable = rows > 0 and all(t.dim() and t.shape[0] == rows for t in tensors)
-            sig = (str(spec), tuple(_sig(v) for v in leaves), tuple(_sig(t) for t in outs)) \
-                if batchable else ('call', key)
-            buckets.setdefault(sig, []).append((leaves, spec, outs, rows if batchable else 1,
-                                                batchable))
-        self.groups = []
-        for items in buckets.values():
-            leaves0, spec, outs0, _, batchable = items[0]
-            if batchable:
-                leaves = [torch.cat([it[0][i] for it in items]) if torch.is_tensor(v) else v
-                          for i, v in enumerate(leaves0)]
-                outs = [torch.cat([it[2][i] for it in items]) for i in range(len(outs0))]
-                rows = sum(it[3] for it in items)
-            else:
-                leaves, outs, rows = leaves0, outs0, 1
-            self.groups.append(dict(leaves=leaves, spec=spec, outs=outs, rows=rows,
-                                    batchable=batchable))
-        self.calls = {}
-        return self
-
-    @property
-    def rows(self):
-        return sum(g['rows'] for g in self.groups)
-
-    def batch(self, index, device):
-        """Yield ``(args, kwargs, targets, weight)`` for the global row ``index``."""
-        offset = 0
-        for g in self.groups:
-            sel = index[(index >= offset) & (index < offset + g['rows'])] - offset
-            offset += g['rows']
-            if sel.numel() == 0:
-                continue
-            if g['batchable']:
-                sel_d = sel.to(g['outs'][0].device) if g['outs'] else sel
-                leaves = [v.index_select(0, sel_d).to(device) if torch.is_tensor(v) else v
-                          for v in g['leaves']]
-                outs = [t.index_select(0, sel_d).to(device) for t in g['outs']]
-            else:
-                leaves = [v.to(device) if torch.is_tensor(v) else v for v in g['leaves']]
-                outs = [t.to(device) for t in g['outs']]
-            args, kwargs = pytree.tree_unflatten(leaves, g['spec'])
-            yield args, kwargs, outs, sel.numel()
-
-
-def _sig(v):
-    if torch.is_tensor(v):
-        return ('T', tuple(v.shape[1:]), str(v.dtype))
-    return repr(v)
-
-
-def _store(v, store):
-    if not torch.is_tensor(v):
-        return v
-    v = v.detach()
-    return v.to(store, copy=True) if store is not None else v.clone()
-
-
-# ---------------------------------------------------------------- the stage
-class LinearTempDecay:
-    """``beta``: ``start`` until ``warmup * t_max``, then linear to ``end``."""
-
-    def __init__(self, t_max, warmup, start, end):
-        self.t_max, self.start_decay = t_max, warmup * t_max
-        self.start, self.end = start, end
-
-    def __call__(self, t):
-        if t < self.start_decay:
-            return self.start
-        rel = (t - self.start_decay) / max(1e-12, self.t_max - self.start_decay)
-        return self.end + (self.start - self.end) * max(0.0, 1 - rel)
-
-
-def recon_loss(pred, target, kind='mse', p=2.0):
-    """The reference's loss: MSE summed over dim 1, averaged, / 10; or the
-    KL divergence of the softmaxes (``'kl'``, the classifier head)."""
-    if kind == 'kl':
-        return F.kl_div(F.log_softmax(pred, dim=-1), F.softmax(target, dim=-1),
-                        reduction='batchmean')
-    d = (pred - target).abs().pow(p)
-    return (d.sum(1).mean() if d.dim() > 1 else d.mean()) / 10
 
 
 @SEARCHES.register_module(name='block_recon')
@@ -429,22 +130,17 @@ class BlockReconstruction(BaseSearch):
         if self.samples is None:
             self.samples = samples
 
-    def targets(self, model):
-        return iter(())
-
     def attach(self, model):
         self.set_device(module_device(model))
-
-    def detach(self, model):
-        pass
 
     def units(self, model):
         """Units to reconstruct: the backbone's, and with a scope beyond the
         backbone the called modules outside it; filtered by ``units``."""
-        from ..conversion import resolve_scope
-        scope = resolve_scope(model, (getattr(model, '_mmvq_qcfg', None) or {}).get('scope', 'auto'))
+        from ....conversion import quant_state, resolve_scope
+        state = quant_state(model)
+        scope = resolve_scope(model, state.scope if state is not None else 'auto')
         units = find_units(model)
-        if scope != 'backbone' and getattr(model, 'backbone', None) is not None:
+        if scope != 'backbone' and split_backbone(model)[0]:
             units += outer_units(model, self.samples, self.forward_fn)
         if self.unit_patterns:
             units = [u for u in units if any(fnmatch.fnmatch(u[0], p) for p in self.unit_patterns)]
@@ -452,8 +148,8 @@ class BlockReconstruction(BaseSearch):
 
     # ---------------------------------------------------------- recording
     def _record(self, model, units, log):
-        """``{name: _Record}`` of every unit's float calls on the images."""
-        rank, world = _world()
+        """``{name: UnitRecord}`` of every unit's float calls on the images."""
+        rank, world = rank_world()
         device = module_device(model)
         store = torch.device('cpu') if self.store_device == 'cpu' else None
         n = len(self.samples)
@@ -461,7 +157,7 @@ class BlockReconstruction(BaseSearch):
         records = {}
         try:
             # one image with every unit recorded: the size of a record per image
-            probe = {name: _Record() for name, _, _ in units}
+            probe = {name: UnitRecord() for name, _, _ in units}
             self._pass(model, units, probe, [0], store)
             per_image = {k: r.nbytes() for k, r in probe.items()}
             chunks, cur, size = [], [], 0
@@ -475,11 +171,10 @@ class BlockReconstruction(BaseSearch):
             if cur:
                 chunks.append(cur)
             for chunk in chunks:
-                part = {name: _Record() for name, _, _ in chunk}
+                part = {name: UnitRecord() for name, _, _ in chunk}
                 self._pass(model, chunk, part, range(rank, n, world), store)
                 if world > 1:
-                    gathered = [None] * world
-                    dist.all_gather_object(gathered, {k: _to_host(r.calls) for k, r in part.items()})
+                    gathered = gather_to_all({k: r.calls for k, r in part.items()})
                     for k, r in part.items():
                         calls = {}
                         for g in gathered:
@@ -602,7 +297,7 @@ class BlockReconstruction(BaseSearch):
 
         Args:
             unit (nn.Module): the converted unit (quantizers calibrated).
-            rec (_Record): its recorded float inputs/outputs (built).
+            rec (UnitRecord): its recorded float inputs/outputs (built).
             loss_kind (str): ``'mse'`` or ``'kl'``.
             drop_prob (float): QDrop probability.
 
@@ -624,17 +319,18 @@ class BlockReconstruction(BaseSearch):
             p.requires_grad_(False)
         try:
             for m, q in quantizers:
-                if isinstance(q, UniformQuantizer) and q.enabled:
-                    ada = AdaRoundWeight(q, m.weight)
+                rounding_cls = treatment_of(q).weight
+                if rounding_cls is not None and q.enabled:
+                    ada = rounding_cls(q, m.weight)
                     swaps.append((m, 'weight_quantizer', q))
                     setattr(m, 'weight_quantizer', ada)
                     rounding.append(ada)
             for parent in list(unit.modules()):
-                if _integer_owner(parent):
+                if integer_owner(parent):
                     continue
                 for attr, child in list(parent.named_children()):
                     if isinstance(child, BaseQuantizer) and child.enabled and \
-                            not _is_weight_slot(parent, attr):
+                            not is_weight_slot(parent, attr):
                         act = TrainableActivation(child, self.learn_act_scale, drop_prob, gen)
                         swaps.append((parent, attr, child))
                         setattr(parent, attr, act)
@@ -714,39 +410,4 @@ class BlockReconstruction(BaseSearch):
                     loss=loss_kind)
 
 
-def outer_units(model, samples, forward_fn):
-    """The outermost modules outside the backbone that a forward calls and
-    that hold a uniform weight quantizer (a classifier's head; a detector's
-    neck, RPN head, RoI box/mask heads), in call order.
-
-    Found by one float forward on the first image with hooks on every
-    candidate; a module reached only through a method other than
-    ``__call__`` (mmdet's RoI head) is replaced by its called children.
-    """
-    if samples is None or forward_fn is None or len(samples) == 0:
-        return []
-    skip = {'backbone', 'data_preprocessor'}
-    cands = [(n, m) for n, m in model.named_modules()
-             if n and n.split('.')[0] not in skip and _has_uniform_weight(m)]
-    order, handles = [], []
-    for n, m in cands:
-        handles.append(m.register_forward_pre_hook(
-            lambda mod, args, n=n: order.append(n) if n not in order else None))
-    set_quant_mode(model, 'float')
-    try:
-        with torch.no_grad():
-            forward_fn(model, samples[0])
-    finally:
-        for h in handles:
-            h.remove()
-        set_quant_mode(model, 'calib')
-    units = []
-    for n in order:
-        if any(n.startswith(u + '.') for u, _, _ in units):
-            continue
-        units.append((n, model.get_submodule(n), 'neck' if n.split('.')[0] == 'neck' else 'head'))
-    return units
-
-
-__all__ = ['BlockReconstruction', 'AdaRoundWeight', 'TrainableActivation', 'recon_loss',
-           'find_units', 'outer_units', 'LinearTempDecay']
+__all__ = ['BlockReconstruction', 'TASK_DEFAULTS']

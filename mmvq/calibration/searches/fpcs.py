@@ -80,19 +80,20 @@ parameters.
 import torch
 import torch.nn.functional as F
 
-from ..modules.base import module_device
-from ..modules.linear import QuantConv2d, QuantLinear
-from ..modules.matmul import QuantMatMul
-from ..quantizers.adalog import AdaLogQuantizer
-from ..adapters import model_task
-from ..quantizers.uniform import UniformQuantizer, affine_params, fake_quant_affine
-from ..registry import SEARCHES
-from ..utils.progress import progress_iter
-from .budget import model_device
-from .cache import attach_search_cache
-from .grid import positive_percentiles, row_fpcs, row_grid, self_losses
-from .reparam import ln_linear_pairs, reparameterize
-from .search import BaseSearch
+from ...modules.base import module_device
+from ...modules.linear import QuantConv2d, QuantLinear
+from ...modules.matmul import QuantMatMul
+from ...quantizers.adalog import AdaLogQuantizer
+from ...adapters import model_task
+from ...quantizers.uniform import UniformQuantizer, affine_params, fake_quant_affine
+from ...registry import SEARCHES
+from ...utils.classmap import ClassMap
+from ...utils.progress import progress_iter
+from ..budget import model_device
+from ..cache import attach_search_cache
+from ..grid import positive_percentiles, row_fpcs, row_grid, self_losses
+from ..reparam import ln_linear_pairs, reparameterize
+from ..search import BaseSearch
 
 CHUNK_ELEMS = 1 << 25
 
@@ -117,13 +118,67 @@ def minmax_centred_zero_points(w, scales, zps, num_zp, qmax):
     return torch.cat([scales, scales]), torch.cat([zps, extra_zp])
 
 
+class FPCSStrategy:
+    """What FPCS searches for one quantizer class (register an instance in
+    :data:`FPCS_STRATEGIES`). Each site's ``*_kind`` returns ``None`` (not
+    searched) or the kind the report counts; the matching ``search_*`` sets
+    the quantizer's parameters and returns its report entry (a dict).
+    Every ``search_*`` gets the :class:`FPCS` stage (its budgets and settings).
+
+    Sites, each asked of the strategy of the quantizer that sits there: a
+    Linear's **input** quantizer (``linear_input_kind(fpcs, q)``; ``search``
+    gets ``x``, the cached ``(R, C)`` float inputs, reparameterized and
+    row-thinned by the stage), the left operand of a quantized **matmul**
+    (``matmul_kind(fpcs, matmul)``; ``search`` gets ``(a, b)``) and a Conv2d's
+    **weight** (``conv_weight_kind(fpcs, conv)``; ``search`` gets the cached
+    unfolded input rows). The (scale, zero point) searches of FPCS itself
+    apply to any ``free_affine`` quantizer; a strategy chooses which of them
+    (or its own search) runs at its sites.
+    """
+
+    def linear_input_kind(self, fpcs, q):
+        return None
+
+    def matmul_kind(self, fpcs, m):
+        return None
+
+    def conv_weight_kind(self, fpcs, m):
+        return None
+
+    def search(self, fpcs, m, kind, data):
+        """Search module ``m``'s quantizer(s) of ``kind``; returns the report entry."""
+        raise NotImplementedError(f'{type(self).__name__}.search')
+
+
+#: per quantizer class (subclasses inherit): its FPCS search
+FPCS_STRATEGIES = ClassMap('FPCS strategy',
+                           'register one with mmvq.calibration.FPCS_STRATEGIES.register('
+                           '<class>, <FPCSStrategy>)')
+
+
+def strategy_of(q):
+    """The :class:`FPCSStrategy` of ``q`` (``None`` for a quantizer FPCS does not search)."""
+    return FPCS_STRATEGIES.get(q) if q is not None else None
+
+
+LINEAR_KINDS = ('adalog_linear', 'uniform_linear')
+LOGGED_KINDS = LINEAR_KINDS + ('adalog_matmul', 'uniform_matmul', 'conv_weight', 'reparam', 'weights')
+
+
+def _site(m):
+    if isinstance(m, QuantLinear):
+        return 'linear_input'
+    return 'matmul' if isinstance(m, QuantMatMul) else 'conv_weight'
+
+
 def _active(q):
-    return isinstance(q, (UniformQuantizer, AdaLogQuantizer)) and q.enabled
+    """An enabled quantizer FPCS knows (its operand is quantized as the layer sees it)."""
+    return strategy_of(q) is not None and q.enabled
 
 
 def _weight(module):
     wq = module.weight_quantizer
-    if isinstance(wq, UniformQuantizer) and wq.enabled and wq.is_calibrated():
+    if _active(wq) and wq.is_calibrated():
         return wq.fake_quant(module.weight)
     return module.weight
 
@@ -225,30 +280,32 @@ class FPCS(BaseSearch):
 
     # ------------------------------------------------------------ targets
     def targets(self, model):
+        """``(name, module, kind, strategy)`` of every site a registered
+        :class:`FPCSStrategy` searches, in module order."""
         for name, m in model.named_modules():
+            kind, q = None, None
             if isinstance(m, QuantLinear):
-                iq = m.input_quantizer
-                if isinstance(iq, AdaLogQuantizer) and iq.enabled:
-                    yield name, m, 'adalog_linear'
-                elif (self.search_uniform and isinstance(iq, UniformQuantizer) and iq.enabled
-                      and iq.ch_axis is None):
-                    yield name, m, 'uniform_linear'
-            elif isinstance(m, QuantMatMul) and isinstance(m.a_quantizer, AdaLogQuantizer) \
-                    and m.a_quantizer.enabled:
-                yield name, m, 'adalog_matmul'
-            elif (isinstance(m, QuantMatMul) and self.search_attention
-                  and self._head_searchable(m.a_quantizer)
-                  and self._head_searchable(m.b_quantizer)):
-                yield name, m, 'uniform_matmul'
-            elif isinstance(m, QuantConv2d) and self.search_weights and self._weight_searchable(m):
-                yield name, m, 'conv_weight'
+                q = m.input_quantizer
+                if _active(q):
+                    kind = strategy_of(q).linear_input_kind(self, q)
+            elif isinstance(m, QuantMatMul):
+                q = m.a_quantizer
+                if _active(q):
+                    kind = strategy_of(q).matmul_kind(self, m)
+            elif isinstance(m, QuantConv2d) and self.search_weights:
+                q = m.weight_quantizer
+                if _active(q):
+                    kind = strategy_of(q).conv_weight_kind(self, m)
+            if kind:
+                yield name, m, kind, strategy_of(q)
 
     def attach(self, model):
         self.set_device(model_device(model))
-        for _, m, kind in self.targets(model):
-            if kind in ('adalog_matmul', 'uniform_matmul'):
+        for _, m, kind, _ in self.targets(model):
+            site = _site(m)
+            if site == 'matmul':
                 attach_search_cache(m, 'matmul', max_windows=self.max_windows)
-            elif kind == 'conv_weight':
+            elif site == 'conv_weight':
                 attach_search_cache(m, 'conv', max_tokens=self.max_tokens, conv=m)
             else:
                 attach_search_cache(m, 'linear', max_tokens=self.max_tokens)
@@ -262,40 +319,43 @@ class FPCS(BaseSearch):
             if padded is None:        # exact only where windows are never padded
                 padded = model_task(model) == 'classification'
             lns = {lin: ln for _, ln, lin, _ in ln_linear_pairs(model, padded)}
-        for name, m, kind in progress_iter(list(self.targets(model)), 'FPCS'):
+        for name, m, kind, strategy in progress_iter(list(self.targets(model)), 'FPCS'):
             cache = getattr(m, '_mmvq_cache', None)
             if cache is None or cache.empty:
                 continue
             dev = module_device(m)
             with torch.no_grad():
-                if kind == 'adalog_matmul':
-                    self.report[name] = self._search_softmax(m, *cache.data(dev))
-                elif kind == 'uniform_matmul':
-                    self.report[name] = self._search_matmul(m, *cache.data(dev))
-                elif kind == 'conv_weight':
-                    self.report[name] = self._search_conv_weights(m, cache.data(dev))
-                else:
-                    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in cache.data(dev)])
+                if _site(m) == 'linear_input':
+                    data = torch.cat([t.reshape(-1, t.shape[-1]) for t in cache.data(dev)])
                     if name in lns:
-                        r, b = reparameterize(lns[name], m, x)
-                        x = x.div_(r).sub_(b)
+                        r, b = reparameterize(lns[name], m, data)
+                        data = data.div_(r).sub_(b)
                         n['reparam'] += 1
-                    x = self._rows(m, x)
-                    if self.search_weights and self._weight_searchable(m):
-                        self.report[name] = self._search_linear_alternating(m, x, kind)
+                    data = self._rows(m, data)
+                    if kind in LINEAR_KINDS and self.search_weights and self._weight_searchable(m):
                         n['weights'] = n.get('weights', 0) + 1
-                    elif kind == 'adalog_linear':
-                        self.report[name] = self._search_adalog_linear(m, x)
-                    else:
-                        self._search_uniform_linear(m, x, own=True)
-                        self.report[name] = self._search_uniform_linear(m, x)
-            n[kind] += 1
+                else:
+                    data = cache.data(dev)
+                self.report[name] = strategy.search(self, m, kind, data)
+            n[kind] = n.get(kind, 0) + 1
+        other = sum(v for k, v in n.items() if k not in LOGGED_KINDS)
         log(f'[mmvq] FPCS: {n["adalog_linear"]} post-GELU AdaLog, {n["adalog_matmul"]} '
             f'post-softmax AdaLog, {n["uniform_linear"]} uniform Linear inputs'
             + (f', {n["uniform_matmul"]} q @ k^T' if self.search_attention else '')
+            + (f', {other} by registered strategies' if other else '')
             + (f' ({n["reparam"]} reparameterized into their LayerNorm)' if self.reparam_ln else '')
             + (f', weights of {n.get("weights", 0)} Linears and {n["conv_weight"]} Conv2ds'
                if self.search_weights else ''))
+
+    def _search_linear(self, m, x, kind):
+        """The built-in searches of a Linear's input (``kind`` in
+        :data:`LINEAR_KINDS`), alternating with its weight where both apply."""
+        if self.search_weights and self._weight_searchable(m):
+            return self._search_linear_alternating(m, x, kind)
+        if kind == 'adalog_linear':
+            return self._search_adalog_linear(m, x)
+        self._search_uniform_linear(m, x, own=True)
+        return self._search_uniform_linear(m, x)
 
     # ------------------------------------------------------------ linear
     def _rows(self, m, x):
@@ -372,7 +432,7 @@ class FPCS(BaseSearch):
     @staticmethod
     def _weight_searchable(m):
         wq = m.weight_quantizer
-        return (isinstance(wq, UniformQuantizer) and wq.enabled and wq.ch_axis == 0
+        return (getattr(wq, 'free_affine', False) and wq.enabled and wq.ch_axis == 0
                 and not wq.symmetric)
 
     def _search_weights(self, m, x_hat, ref):
@@ -515,14 +575,14 @@ class FPCS(BaseSearch):
             if self.search_attention and self._head_searchable(bq):
                 a_hat = aq.fake_quant(a)
                 self._head_fpcs(b, bq, b_grid, lambda fb: a_hat[None] @ fb, ref)
-            elif isinstance(bq, UniformQuantizer) and bq.enabled:
+            elif getattr(bq, 'free_affine', False) and bq.enabled:
                 self._search_v(aq.fake_quant(a), b, ref, bq)
         return dict(kind='adalog-softmax', q=int(aq.q))
 
     # ------------------------------------------------------ attention matmuls
     @staticmethod
     def _head_searchable(q):
-        return (isinstance(q, UniformQuantizer) and q.enabled and q.ch_axis == 1
+        return (getattr(q, 'free_affine', False) and q.enabled and q.ch_axis == 1
                 and not q.symmetric)
 
     def _head_grid(self, x, q):
@@ -604,4 +664,48 @@ class FPCS(BaseSearch):
         bq.set_range(best[:, 0], best[:, 1])
 
 
-__all__ = ['FPCS']
+class AffineFPCS(FPCSStrategy):
+    """Uniform quantizers: AdaLog's (scale, zero point) searches — a
+    per-tensor Linear input, per-head ``q @ k^T`` operands
+    (``search_attention``), per-channel Conv2d weights (``search_weights``)."""
+
+    def linear_input_kind(self, fpcs, q):
+        return 'uniform_linear' if fpcs.search_uniform and q.ch_axis is None else None
+
+    def matmul_kind(self, fpcs, m):
+        if fpcs.search_attention and fpcs._head_searchable(m.a_quantizer) \
+                and fpcs._head_searchable(m.b_quantizer):
+            return 'uniform_matmul'
+        return None
+
+    def conv_weight_kind(self, fpcs, m):
+        return 'conv_weight' if fpcs._weight_searchable(m) else None
+
+    def search(self, fpcs, m, kind, data):
+        if kind == 'uniform_matmul':
+            return fpcs._search_matmul(m, *data)
+        if kind == 'conv_weight':
+            return fpcs._search_conv_weights(m, data)
+        return fpcs._search_linear(m, data, kind)
+
+
+class AdaLogFPCS(FPCSStrategy):
+    """AdaLog quantizers: the base and scale of a post-GELU Linear input, the
+    base of a post-softmax attn @ V operand (with V's range)."""
+
+    def linear_input_kind(self, fpcs, q):
+        return 'adalog_linear'
+
+    def matmul_kind(self, fpcs, m):
+        return 'adalog_matmul'
+
+    def search(self, fpcs, m, kind, data):
+        if kind == 'adalog_matmul':
+            return fpcs._search_softmax(m, *data)
+        return fpcs._search_linear(m, data, kind)
+
+
+FPCS_STRATEGIES.register(UniformQuantizer, AffineFPCS())
+FPCS_STRATEGIES.register(AdaLogQuantizer, AdaLogFPCS())
+
+__all__ = ['FPCS', 'FPCSStrategy', 'FPCS_STRATEGIES', 'strategy_of']

@@ -32,16 +32,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..modules.base import module_device
-from ..modules.linear import QuantLinear
-from ..modules.matmul import QuantMatMul
-from ..quantizers.igq import IGQQuantizer
-from ..quantizers.uniform import UniformQuantizer
-from ..registry import SEARCHES
-from ..utils.progress import progress_iter
-from .budget import model_device
-from .cache import attach_search_cache
-from .search import BaseSearch
+from ...modules.base import module_device
+from ...modules.linear import QuantLinear
+from ...modules.matmul import QuantMatMul
+from ...registry import SEARCHES
+from ...utils.progress import progress_iter
+from ..budget import model_device
+from ..cache import attach_search_cache
+from ..search import BaseSearch
+
+
+def _allocatable(q):
+    """An enabled quantizer whose group count the allocation may choose (IGQ)."""
+    return getattr(q, 'allocates_groups', False) and q.enabled
+
+
+def _fixed_grid(q):
+    """An enabled quantizer with one (scale, zero point) grid: its operand is
+    quantized as the layer will see it and counts ``q.bits`` in the BOPs."""
+    return getattr(q, 'affine', False) and q.enabled
 
 
 def solve_mckp(costs, losses, budget, resolution=2000):
@@ -119,11 +128,9 @@ class IGQAllocation(BaseSearch):
 
     def targets(self, model):
         for name, m in model.named_modules():
-            if isinstance(m, QuantLinear) and isinstance(m.input_quantizer, IGQQuantizer) \
-                    and m.input_quantizer.enabled:
+            if isinstance(m, QuantLinear) and _allocatable(m.input_quantizer):
                 yield name, m, 'linear'
-            elif isinstance(m, QuantMatMul) and isinstance(m.a_quantizer, IGQQuantizer) \
-                    and m.a_quantizer.enabled:
+            elif isinstance(m, QuantMatMul) and _allocatable(m.a_quantizer):
                 yield name, m, 'matmul'
 
     def attach(self, model):
@@ -136,11 +143,7 @@ class IGQAllocation(BaseSearch):
 
     @staticmethod
     def _refit(q, groups):
-        with torch.device(q.scale.device):
-            g = IGQQuantizer(bits=q.bits, num_groups=groups, unit=q.unit, max_units=q.max_units)
-        g.store = q.store
-        g.calibrate()
-        return g
+        return q.regrouped(groups)
 
     def _layer_options(self, m, q, cache):
         opts = []
@@ -148,13 +151,13 @@ class IGQAllocation(BaseSearch):
         if isinstance(m, QuantLinear):
             xs = cache.data(dev)
             wq = m.weight_quantizer
-            w = wq.fake_quant(m.weight) if isinstance(wq, UniformQuantizer) and wq.enabled else m.weight
+            w = wq.fake_quant(m.weight) if _fixed_grid(wq) else m.weight
             refs = [F.linear(x, m.weight, m.bias) for x in xs]
             energy = sum(r.pow(2).sum() for r in refs)
             units = m.in_features
             macs = cache.units_per_step() * m.in_features * m.out_features
             outputs = cache.units_per_step() * m.out_features
-            b_w = wq.bits if isinstance(wq, UniformQuantizer) and wq.enabled else 32
+            b_w = wq.bits if _fixed_grid(wq) else 32
 
             def err(g):
                 return sum((F.linear(g.fake_quant(x), w, m.bias) - r).pow(2).sum()
@@ -162,7 +165,7 @@ class IGQAllocation(BaseSearch):
         else:
             a, b = cache.data(dev)
             bq = m.b_quantizer
-            b_hat = bq.fake_quant(b) if isinstance(bq, UniformQuantizer) and bq.enabled else b
+            b_hat = bq.fake_quant(b) if _fixed_grid(bq) else b
             ref = a @ b
             energy = ref.pow(2).sum()
             units = None
@@ -170,7 +173,7 @@ class IGQAllocation(BaseSearch):
             heads, n, mdim, d = a.shape[1], a.shape[2], a.shape[3], b.shape[3]
             macs = win * heads * n * mdim * d
             outputs = win * heads * n * d
-            b_w = bq.bits if isinstance(bq, UniformQuantizer) and bq.enabled else 32
+            b_w = bq.bits if _fixed_grid(bq) else 32
 
             def err(g):
                 return (g.fake_quant(a) @ b_hat - ref).pow(2).sum() / energy
