@@ -163,9 +163,6 @@ def convert(model, qcfg):
                 and QUANTIZERS.get(inp['type']).power_of_two_factors
         module.quant_setup(slot_cfgs, **kwargs)
     fused = state.fused
-    if not isinstance(fused, bool):
-        raise ValueError(f'quant.fused={fused!r}: use True (fused CPU kernels where they apply) '
-                         'or False (eager PyTorch code)')
     for name, q in iter_quantizers(model):
         q.site_name = name
         q.fused = fused

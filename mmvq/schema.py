@@ -89,6 +89,10 @@ class QuantConfig:
             return qcfg
         validate_qcfg(qcfg)
         block = without_config_scope(copy.deepcopy(dict(qcfg)))
+        fused = block.get('fused', True)
+        if not isinstance(fused, bool):
+            raise ValueError(f'quant.fused={fused!r}: use True (fused CPU kernels where they '
+                             'apply) or False (eager PyTorch code)')
         fields = {k: v for k, v in block.items() if k not in ('calib', 'overrides', 'searches')}
         return cls(**fields, overrides=tuple(block.get('overrides') or ()),
                    searches=tuple(block.get('searches') or ()),

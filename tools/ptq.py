@@ -101,7 +101,7 @@ def build_runner(args):
     from mmengine.runner import Runner
 
     import mmvq  # noqa: F401  (registers mmvq.PTQLoop)
-    from mmvq.schema import check_calib_images, validate_qcfg
+    from mmvq.schema import calib_settings, check_calib_images, validate_qcfg
     from mmvq.calibration.data import config_splits, missing_split_message
     from mmvq.utils import checks
     from mmvq.utils.console import QuietConsoleRunner
@@ -127,7 +127,7 @@ def build_runner(args):
         raise checks.UserInputError('the config has no test_dataloader/test_evaluator: ptq.py '
                                     'evaluates on the test split, as tools/test.py')
     checks.check_dataset(cfg, 'test_dataloader')
-    calib_split = args.calib_split or cfg.quant.get('calib', {}).get('split', 'train')
+    calib_split = calib_settings(cfg.quant, split=args.calib_split)['split']
     calib_loader = None
     if args.load_quantized is None:
         calib_loader = cfg.get(f'{calib_split}_dataloader')

@@ -40,6 +40,16 @@ def check_bits(bits, name='bits', low=2, high=8):
     return bits
 
 
+def along_axis(p, x, ch_axis):
+    """``p`` (one value, or one per index of ``ch_axis``) shaped to broadcast
+    against ``x``: a 0-d tensor per tensor, ``(1, .., C, .., 1)`` per channel."""
+    if ch_axis is None or p.numel() == 1:
+        return p.reshape(())
+    shape = [1] * x.dim()
+    shape[ch_axis % x.dim()] = -1
+    return p.reshape(shape)
+
+
 def host_value(owner, key, tensor, fn):
     """``fn(tensor)`` computed once per version of ``tensor`` and cached on ``owner``.
 

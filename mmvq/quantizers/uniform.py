@@ -28,7 +28,7 @@ import torch
 
 from ..registry import QUANTIZERS
 from . import fused as _fused
-from .base import BaseQuantizer
+from .base import BaseQuantizer, along_axis
 from .observers import MinMaxObserver, PercentileObserver, SampleStore, move_channel_first
 
 OBSERVERS = ('minmax', 'ema', 'percentile', 'omse')
@@ -172,11 +172,7 @@ class UniformQuantizer(BaseQuantizer):
 
     # ---------------------------------------------------------- arithmetic
     def _view(self, p, x):
-        if self.ch_axis is None or p.numel() == 1:
-            return p.reshape(())
-        shape = [1] * x.dim()
-        shape[self.ch_axis % x.dim()] = -1
-        return p.reshape(shape)
+        return along_axis(p, x, self.ch_axis)
 
     def quantize(self, x):
         """Integer codes in ``[qmin, qmax]`` (as float tensor)."""

@@ -18,6 +18,7 @@ from mmvq.calibration import (FPCS_STRATEGIES, RECON_TREATMENTS, FPCSStrategy, R
 from mmvq.calibration.searches.recon import AdaRoundWeight
 from mmvq.checkpoint import load_quantized, save_quantized
 from mmvq.quantizers import BaseQuantizer
+from mmvq.quantizers.base import along_axis
 from mmvq.quantizers.observers import MinMaxObserver
 
 
@@ -64,11 +65,7 @@ class Pow2Quantizer(BaseQuantizer):
         self.mark_calibrated()
 
     def _view(self, p, x):
-        if self.ch_axis is None or p.numel() == 1:
-            return p.reshape(())
-        shape = [1] * x.dim()
-        shape[self.ch_axis % x.dim()] = -1
-        return p.reshape(shape)
+        return along_axis(p, x, self.ch_axis)
 
     def codes(self, x):
         return torch.clamp(torch.round(x / self._view(self.scale, x)), self.qmin,

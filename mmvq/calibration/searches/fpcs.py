@@ -76,6 +76,14 @@ thinned); a ViT-S/14 at 224 px (32 maps x 6 heads x 257 queries) keeps every
 
 Without ``search_weights`` weights keep their per-output-channel min-max
 parameters.
+
+**Per quantizer class** (:data:`FPCS_STRATEGIES`): at each site — a Linear's
+input, a matmul's left operand, a Conv2d's weight — the stage asks the
+:class:`FPCSStrategy` registered for the quantizer there whether and how to
+search it: :class:`AffineFPCS` (uniform quantizers: the (scale, zero point)
+searches above, which apply to any ``free_affine`` quantizer) and
+:class:`AdaLogFPCS` (the base / scale searches). A quantizer class without a
+strategy is left as its observers calibrated it.
 """
 import torch
 import torch.nn.functional as F
