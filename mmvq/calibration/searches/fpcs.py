@@ -129,9 +129,9 @@ def minmax_centred_zero_points(w, scales, zps, num_zp, qmax):
 class FPCSStrategy:
     """What FPCS searches for one quantizer class (register an instance in
     :data:`FPCS_STRATEGIES`). Each site's ``*_kind`` returns ``None`` (not
-    searched) or the kind the report counts; the matching ``search_*`` sets
-    the quantizer's parameters and returns its report entry (a dict).
-    Every ``search_*`` gets the :class:`FPCS` stage (its budgets and settings).
+    searched) or the kind the report counts; ``search(fpcs, module, kind,
+    data)`` then sets the quantizer's parameters and returns its report entry
+    (a dict). Both get the :class:`FPCS` stage (its budgets and settings).
 
     Sites, each asked of the strategy of the quantizer that sits there: a
     Linear's **input** quantizer (``linear_input_kind(fpcs, q)``; ``search``
