@@ -14,6 +14,12 @@ identical, and how many tensors it compared::
 
 Timings, paths and versions are not compared (they differ run to run); everything
 else that a run writes about the quantized model is.
+
+``--quick`` runs every search stage on small budgets (:data:`QUICK`: FPCS on fewer
+cached tokens, attention windows, candidates and rounds, reconstruction on 8 images
+for 20 steps):
+the same code paths in minutes instead of ~85 min a checkout on 2 cores. Compare
+two runs made with the same flag.
 """
 import argparse
 import json
@@ -26,6 +32,10 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
 
 import run as bench  # noqa: E402
+
+QUICK = dict(fpcs=dict(max_tokens=64, max_windows=4, rounds=1, steps=2, weight_candidates=32,
+                       width=8, base_num=4, scale_num=8, weight_width=4, uniform_width=4),
+             block_recon=dict(iters=20, images=8, batch_size=4))
 
 # keys of results.json / checkpoint meta that record time, place or version, not the model
 VOLATILE = {'wall_time', 'stage_times', 'config', 'checkpoint', 'checkpoint_sha256',
@@ -57,6 +67,9 @@ def run(args):
             with open(cfg, 'w') as f:
                 f.write(f'_base_ = [{osp.join(root, spec["config"])!r}, '
                         f'{osp.join(root, "configs", "_base_", "quant", method + ".py")!r}]\n')
+                searches = bench.searches_with(method, QUICK) if args.quick else None
+                if searches is not None:
+                    f.write(f'quant = dict(searches={searches!r})\n')
             cmd = [sys.executable, 'tools/ptq.py', cfg, osp.join(root, spec['checkpoint']),
                    '--work-dir', wd, '--skip-fp', '--calib-images', str(spec['calib_images']),
                    '--max-eval-images', str(args.eval_images),
@@ -130,6 +143,7 @@ def main():
     r.add_argument('--models', nargs='+', default=['det', 'cls'], choices=['det', 'cls'])
     r.add_argument('--methods', nargs='+', default=None)
     r.add_argument('--eval-images', type=int, default=16)
+    r.add_argument('--quick', action='store_true', help='small search budgets (QUICK)')
     c = sub.add_parser('compare')
     c.add_argument('old')
     c.add_argument('new')
