@@ -96,8 +96,11 @@ def compare(args):
         for method in sorted(os.listdir(osp.join(args.old, model))):
             a, b = osp.join(args.old, model, method), osp.join(args.new, model, method)
             tag = f'{model}/{method}'
-            if not osp.isfile(osp.join(b, 'quantized.pth')):
-                bad.append(f'{tag}: no run in {args.new}')
+            missing = [d for d, p in ((args.old, a), (args.new, b))
+                       if not osp.isfile(osp.join(p, 'results.json'))
+                       or not osp.isfile(osp.join(p, 'quantized.pth'))]
+            if missing:
+                bad.append(f'{tag}: no finished run in {" or ".join(missing)}')
                 continue
             runs += 1
             pa, pb = _load(osp.join(a, 'quantized.pth')), _load(osp.join(b, 'quantized.pth'))
