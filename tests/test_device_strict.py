@@ -104,7 +104,7 @@ def test_block_is_device_clean(kind, method, tmp_path):
         acts = analysis.capture(model, data[:1], fn, ln, sm, [])
         assert set(acts) == set(ln + sm)
         for _, q in mmvq.iter_quantizers(model):
-            analysis._levels(q)
+            q.levels()
     mmvq.format_summary(model)
 
 
