@@ -48,6 +48,8 @@ from ..quantizers.uniform import UniformQuantizer
 from ..utils.classmap import ClassMap
 from ..utils.optional import require
 from .graphs import adalog_graph, igq_graph, int_layer_norm_graph, lis_softmax_graph
+from . import custom
+from .custom import CUSTOM
 from .qdq import qdq_fn, uniform_qdq_fn, weight_dq_fn
 
 # torch >= 2.5 has both exporters behind one function (``dynamo=``, whose default
@@ -172,13 +174,19 @@ class ExportForm:
             ``fn()`` the weight as integer codes + ``DequantizeLinear``
             (:func:`mmvq.deploy.qdq.weight_dq_fn` for an ``affine`` quantizer);
             ``None``: the class cannot be exported as a Linear / Conv2d weight.
+
+        custom (callable | None): ``custom(quantizer, record) -> fn or None``,
+            the quantizer as an mmvq custom operator (:mod:`mmvq.deploy.custom`,
+            used with ``custom_ops=True``; ``None`` from it: this instance
+            keeps ``forward``). ``fn`` calls ``record(op_type)`` once per node.
     """
 
-    def __init__(self, form, forward=None, qdq=False, weight=None):
+    def __init__(self, form, forward=None, qdq=False, weight=None, custom=None):
         self.form = form
         self.forward = forward
         self.qdq = bool(qdq)
         self.weight = weight
+        self.custom = custom
 
 
 #: per quantizer class (subclasses inherit): its ONNX form
@@ -197,9 +205,12 @@ def register_export_form(cls, form, force=False):
 
 register_export_form(UniformQuantizer, ExportForm(QDQ, uniform_qdq_fn, qdq=True,
                                                   weight=weight_dq_fn))
-register_export_form(PTFQuantizer, ExportForm(PTF_QDQ, _ptf_forward, qdq=True))
-register_export_form(AdaLogQuantizer, ExportForm(EMULATED['adalog'], _adalog_forward))
-register_export_form(IGQQuantizer, ExportForm(EMULATED['igq'], _igq_forward))
+register_export_form(PTFQuantizer, ExportForm(PTF_QDQ, _ptf_forward, qdq=True,
+                                              custom=custom.ptf_custom))
+register_export_form(AdaLogQuantizer, ExportForm(EMULATED['adalog'], _adalog_forward,
+                                                 custom=custom.adalog_custom))
+register_export_form(IGQQuantizer, ExportForm(EMULATED['igq'], _igq_forward,
+                                              custom=custom.igq_custom))
 register_export_form(LogIntSoftmax, ExportForm(EMULATED['lis']))   # QuantSoftmax writes it
 
 
@@ -212,9 +223,10 @@ def _weight_fn(m, name, **kwargs):
     return form.weight(wq, m.weight, **kwargs)
 
 
-def _quantizer_plan(model, calls):
+def _quantizer_plan(model, calls, custom_ops=False):
     """``{quantizer: (form, forward or None)}`` for every active quantizer;
-    the QDQ forwards record their calls in ``calls``."""
+    the QDQ forwards record their calls in ``calls['qdq']``, the custom
+    operators theirs in ``calls['custom']``."""
     plan = {}
     weights = {id(m.weight_quantizer) for m in model.modules()
                if isinstance(m, (QuantLinear, QuantConv2d)) and _active(m.weight_quantizer)}
@@ -223,19 +235,23 @@ def _quantizer_plan(model, calls):
             continue
         _check_ready(name, q)
         form = EXPORT_FORMS.require(q, name)
+        fused = (form.custom(q, custom.recorder(name, calls['custom']))
+                 if custom_ops and form.custom is not None and id(q) not in weights else None)
         if id(q) in weights:
             plan[name] = (WEIGHT_DQ, None)          # the wrapper writes codes + DQ
+        elif fused is not None:
+            plan[name] = fused
         elif form.forward is None:
             plan[name] = (form.form, None)
         elif form.qdq:
-            plan[name] = (form.form, _recorded(name, form.forward(q), calls))
+            plan[name] = (form.form, _recorded(name, form.forward(q), calls['qdq']))
         else:
             plan[name] = (form.form, form.forward(q))
     return plan
 
 
 @contextlib.contextmanager
-def export_mode(model, calls=None):
+def export_mode(model, calls=None, custom_ops=False):
     """Give the converted model exportable forwards while the context lasts.
 
     Every active quantizer and the wrappers that need it (Linear/Conv2d
@@ -246,13 +262,18 @@ def export_mode(model, calls=None):
     Args:
         model (nn.Module): the converted, calibrated model.
         calls (dict | None): receives, in call order, the quantizer names of
-            the QDQ pairs (``calls['qdq']``) and of the weight DQs
-            (``calls['weight']``) each forward runs.
+            the QDQ pairs (``calls['qdq']``), of the weight DQs
+            (``calls['weight']``) and the names of the custom operator nodes
+            (``calls['custom']``) each forward runs.
+        custom_ops (bool): write integer LayerNorm, Log-Int-Softmax, PTF on the
+            residual stream, AdaLog and IGQ as mmvq's onnxruntime custom
+            operators (:mod:`mmvq.deploy.custom`) where their parameters fit
+            the kernels; the others keep the portable form.
     """
     calls = calls if calls is not None else {}
-    calls.setdefault('qdq', [])
-    calls.setdefault('weight', [])
-    plan = _quantizer_plan(model, calls['qdq'])
+    for key in ('qdq', 'weight', 'custom'):
+        calls.setdefault(key, [])
+    plan = _quantizer_plan(model, calls, custom_ops)
     by_id = {id(q): plan[name] for name, q in iter_quantizers(model) if name in plan}
     patched = []
     forms = {name: form for name, (form, _) in plan.items()}
@@ -266,12 +287,28 @@ def export_mode(model, calls=None):
             elif isinstance(module, QuantConv2d):
                 fwd = _conv_forward(module, name, calls['weight'])
             elif isinstance(module, QuantLayerNorm) and module._int_path_active():
-                fwd = _int_layernorm_forward(module)
-                forms[f'{name}.output_quantizer'] = QDQ + ' (integer LayerNorm output)'
-                forms[f'{name}.input_quantizer'] = PTF_QDQ + ' (integer LayerNorm input)'
-                forms[f'{name}[int_layernorm]'] = EMULATED['int_layernorm']
+                made = custom_ops and custom.layernorm_custom(
+                    module, custom.recorder(f'{name}.output_quantizer', calls['custom']))
+                if made:
+                    fwd = made
+                    forms[f'{name}.output_quantizer'] = CUSTOM['int_layernorm_out']
+                    if not module.stream_input:
+                        forms[f'{name}.input_quantizer'] = CUSTOM['int_layernorm_in']
+                    forms[f'{name}[int_layernorm]'] = CUSTOM['int_layernorm']
+                else:
+                    fwd = _int_layernorm_forward(module)
+                    forms[f'{name}.output_quantizer'] = QDQ + ' (integer LayerNorm output)'
+                    forms[f'{name}.input_quantizer'] = PTF_QDQ + ' (integer LayerNorm input)'
+                    forms[f'{name}[int_layernorm]'] = EMULATED['int_layernorm']
             elif isinstance(module, QuantSoftmax) and module.lis_active():
-                fwd = _lis_forward(module)
+                made = custom_ops and custom.lis_custom(
+                    module, custom.recorder(f'{name}.lis_quantizer', calls['custom']))
+                if made:
+                    fwd = made
+                    forms[f'{name}.lis_quantizer'] = CUSTOM['lis']
+                    forms[f'{name}.input_quantizer'] = CUSTOM['lis_in']
+                else:
+                    fwd = _lis_forward(module)
             if fwd is not None:
                 module.forward = fwd
                 patched.append(module)
@@ -297,8 +334,9 @@ class _Traced(nn.Module):
 
 
 def export_onnx(model, inputs, path, forward_fn=None, input_names=('input', ),
-                output_names=None, opset=DEFAULT_OPSET, check=True):
-    """Export a converted, calibrated model to ONNX (QDQ + emulated subgraphs).
+                output_names=None, opset=DEFAULT_OPSET, check=True, custom_ops=False):
+    """Export a converted, calibrated model to ONNX (QDQ + emulated subgraphs,
+    or mmvq's custom operators).
 
     Args:
         model (nn.Module): the quantized model (quantizers in ``quant`` mode).
@@ -311,6 +349,11 @@ def export_onnx(model, inputs, path, forward_fn=None, input_names=('input', ),
             (outputs default to ``output`` / ``output_<i>``).
         opset (int): ONNX opset (13 or newer: per-axis QDQ).
         check (bool): run ``onnx.checker`` on the written model.
+        custom_ops (bool): integer LayerNorm, Log-Int-Softmax, PTF, AdaLog and
+            IGQ as mmvq's onnxruntime custom operators (fused integer kernels,
+            :mod:`mmvq.deploy.ort_ops`; the graph then needs that library:
+            :func:`mmvq.deploy.ort_session` registers it); ``False``: the
+            portable graph every ONNX runtime runs.
 
     Returns:
         dict: the export report (:func:`mmvq.deploy.report.export_report`).
@@ -328,9 +371,11 @@ def export_onnx(model, inputs, path, forward_fn=None, input_names=('input', ),
     buf = io.BytesIO()
     calls = {}
     try:
-        with torch.no_grad(), export_mode(model, calls) as forms, warnings.catch_warnings():
+        with torch.no_grad(), export_mode(model, calls, custom_ops) as forms, \
+                warnings.catch_warnings():
             warnings.simplefilter('ignore')          # the exporter's tracer and deprecation notes
             torch.onnx.export(traced, inputs, buf, **_TORCHSCRIPT_EXPORTER, opset_version=opset,
+                              custom_opsets={custom.DOMAIN: 1} if custom_ops else None,
                               input_names=list(input_names),
                               output_names=list(output_names) if output_names else None,
                               do_constant_folding=True)
@@ -340,8 +385,9 @@ def export_onnx(model, inputs, path, forward_fn=None, input_names=('input', ),
     if not output_names:
         _name_outputs(proto)
     name_quantizer_nodes(proto, calls)
+    custom.name_custom_nodes(proto, calls['custom'])
     if check:
-        onnx.checker.check_model(proto, full_check=True)
+        onnx.checker.check_model(proto, full_check=not calls['custom'])
     report = export_report(model, proto, forms, path=path, opset=opset)
     proto.metadata_props.add(key='mmvq_export', value=report_json(report))
     d = osp.dirname(osp.abspath(path))

@@ -131,17 +131,22 @@ def ort_session(path, threads=None, quantized=True, optimized_path=None, uint8_c
         uint8_codes (bool | None): give onnxruntime the graph's ``int8``
             codes as ``uint8`` (:func:`int8_as_uint8`); ``None``: where its
             U8S8 kernels saturate (:func:`u8s8_saturates`) and ``quantized``.
+
+    A graph with mmvq's custom operators (``export_onnx(custom_ops=True)``)
+    gets their library registered (:mod:`mmvq.deploy.ort_ops`).
     """
     require('onnx', 'onnxruntime')
     import onnxruntime as ort
+    import onnx
+    from . import ort_ops
     if uint8_codes is None:
         uint8_codes = quantized and u8s8_saturates()
-    if uint8_codes:
-        import onnx
-        proto = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(path)
-        if int8_as_uint8(proto):
-            path = proto.SerializeToString()
+    proto = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(path)
+    if uint8_codes and int8_as_uint8(proto):
+        path = proto.SerializeToString()
     opts = ort.SessionOptions()
+    if ort_ops.uses_custom_ops(proto):
+        ort_ops.register(opts)            # the graph has mmvq's custom operators
     opts.inter_op_num_threads = 1
     if threads:
         opts.intra_op_num_threads = int(threads)

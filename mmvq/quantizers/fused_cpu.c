@@ -67,11 +67,11 @@ void mmvq_fq(const float *x, float *y, int64_t d0, int64_t d1, int64_t d2, int64
 
 /* FQ-ViT integer LayerNorm on PTF codes (ptf.py int_layer_norm, with the
  * PTF codes of PTFQuantizer.quantize): rows of C contiguous float32. */
-void mmvq_int_ln(const float *x, float *y, int64_t R, int64_t C,
-                 const float *in_scale, const float *in_zp, const int64_t *alpha, float in_qmax,
-                 const float *weight, const float *bias, const float *out_scale,
-                 const float *out_zp, double out_qmin, double out_qmax, int zero_weight,
-                 int m_bits, int threads)
+static void int_ln_impl(const float *x, float *y, uint8_t *codes, int64_t R, int64_t C,
+                        const float *in_scale, const float *in_zp, const int64_t *alpha,
+                        float in_qmax, const float *weight, const float *bias,
+                        const float *out_scale, const float *out_zp, double out_qmin,
+                        double out_qmax, int zero_weight, int m_bits, int threads)
 {
     const double s = (double)in_scale[0], s_out = (double)out_scale[0];
     const double zp = (double)in_zp[0], zpo = (double)out_zp[0];
@@ -92,7 +92,7 @@ void mmvq_int_ln(const float *x, float *y, int64_t R, int64_t C,
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++) {
             const float *xr = x + r * C;
-            float *yr = y + r * C;
+            float *yr = y ? y + r * C : NULL;
             double sum1 = 0.0, sum2 = 0.0;
             /* the sums are of integers below 2^53: exact in any order */
 #pragma omp simd reduction(+ : sum1, sum2)
@@ -125,12 +125,35 @@ void mmvq_int_ln(const float *x, float *y, int64_t R, int64_t C,
                 double v = floor((m * xi[c] + b) * p_inv + 0.5);
                 v = v < lo ? lo : v;
                 v = v > hi ? hi : v;
-                yr[c] = (float)(v * s_out);
+                if (codes) codes[r * C + c] = (uint8_t)(int)(v + zpo);   /* int8: two's complement */
+                else yr[c] = (float)(v * s_out);
             }
         }
         free(xi);
         free(cs);
     }
+}
+
+void mmvq_int_ln(const float *x, float *y, int64_t R, int64_t C,
+                 const float *in_scale, const float *in_zp, const int64_t *alpha, float in_qmax,
+                 const float *weight, const float *bias, const float *out_scale,
+                 const float *out_zp, double out_qmin, double out_qmax, int zero_weight,
+                 int m_bits, int threads)
+{
+    int_ln_impl(x, y, NULL, R, C, in_scale, in_zp, alpha, in_qmax, weight, bias, out_scale,
+                out_zp, out_qmin, out_qmax, zero_weight, m_bits, threads);
+}
+
+/* the same, writing the output codes y_q (uint8, or int8 as its bytes) instead of
+ * their dequantized values (the onnxruntime custom op, mmvq/deploy/ort_ops.c) */
+void mmvq_int_ln_codes(const float *x, uint8_t *codes, int64_t R, int64_t C,
+                       const float *in_scale, const float *in_zp, const int64_t *alpha,
+                       float in_qmax, const float *weight, const float *bias,
+                       const float *out_scale, const float *out_zp, double out_qmin,
+                       double out_qmax, int zero_weight, int m_bits, int threads)
+{
+    int_ln_impl(x, NULL, codes, R, C, in_scale, in_zp, alpha, in_qmax, weight, bias, out_scale,
+                out_zp, out_qmin, out_qmax, zero_weight, m_bits, threads);
 }
 
 /* FQ-ViT Log-Int-Softmax (lis.py lis_softmax, float64 path, after the
