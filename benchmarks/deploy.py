@@ -39,7 +39,7 @@ MODELS = dict(
     det_swin_t=('Mask R-CNN Swin-T backbone+neck (1344x800)',
                 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py', 'mmdet', (800, 1344)),
 )
-METHODS = ('uniform_w8a8', 'fqvit_w8a8_attn4')
+METHODS = ('uniform_w8a8', 'fqvit_w8a8_attn4', 'adalog_w4a4', 'igq_w4a4_g8', 'mixed_w4a4')
 
 
 def build(model_key):
@@ -151,6 +151,7 @@ def bench_model(args, key, log):
 
     import mmvq
     from mmvq.deploy import export_onnx, kernels_of, ort_session, run_session
+    from mmvq.deploy.runtime import profile_split
     torch.set_num_threads(args.threads)
     title, _, _, size = MODELS[key]
     rows = []
@@ -177,18 +178,33 @@ def bench_model(args, key, log):
         with torch.no_grad():
             timed('PyTorch', lambda b, x: forward(model, x), 'FP32' if method == 'fp' else
                   f'{method} fake-quant')
-        sessions = {}
-        for b, x in xs.items():
-            path = osp.join(wd, f'{method}_b{b}.onnx')
-            if method == 'fp':
-                export_float(model, forward, x, path)
-            else:
-                export_onnx(model, x, path, forward_fn=forward)
-            sessions[b] = (path, ort_session(path, args.threads, quantized=method != 'fp'))
-        first = sessions[args.batch[0]][0]
-        kind = 'FP32' if method == 'fp' else f'{method} (mmvq export)'
-        timed('onnxruntime', lambda b, x: run_session(sessions[b][1], x), kind, first,
-              kernels_of(first, args.threads, quantized=method != 'fp'))
+        for custom in ([False] if method == 'fp' else args.custom_ops):
+            tag = '-custom' if custom else ''
+            sessions = {}
+            for b, x in xs.items():
+                path = osp.join(wd, f'{method}{tag}_b{b}.onnx')
+                if method == 'fp':
+                    export_float(model, forward, x, path)
+                else:
+                    rep = export_onnx(model, x, path, forward_fn=forward, custom_ops=custom)
+                    if custom and not any(f.startswith('custom') for f in rep['forms']):
+                        break                  # nothing of this method has a custom operator
+                sessions[b] = (path, ort_session(path, args.threads, quantized=method != 'fp'))
+            if len(sessions) < len(xs):
+                continue
+            first = sessions[args.batch[0]][0]
+            kind = ('FP32' if method == 'fp' else
+                    f'{method} (mmvq export, {"custom ops" if custom else "portable"})')
+            row = timed('onnxruntime', lambda b, x: run_session(sessions[b][1], x), kind, first,
+                        kernels_of(first, args.threads, quantized=method != 'fp'))
+            if args.profile:
+                b, x = next(iter(xs.items()))
+                s = ort_session(first, args.threads, quantized=method != 'fp',
+                                profile_prefix=osp.join(wd, f'profile_{method}{tag}'))
+                for _ in range(3):
+                    run_session(s, x)
+                row['profile'] = profile_split(s.end_profiling())
+                log(f'[deploy]   profile: {row["profile"]}')
         if args.openvino:
             ov = {b: openvino_runner(p, args.threads) for b, (p, _) in sessions.items()}
             row = timed('OpenVINO', lambda b, x: ov[b][0](x), kind, first,
@@ -237,6 +253,11 @@ def markdown(rows, meta):
             out.append(f'| {r["runtime"]} | {r["kind"]} | ' + ' | '.join(cells)
                        + f' | {r["file_mb"] if r["file_mb"] is not None else "-"} | {kcell} |')
         out.append('')
+        for r in mrows:
+            if r.get('profile'):
+                out.append(f'- profile, {r["kind"]}: ' + ', '.join(
+                    f'{k} {100 * v:.0f} %' for k, v in r['profile'].items()))
+        out.append('')
     return '\n'.join(out)
 
 
@@ -252,9 +273,16 @@ def main(argv=None):
                         'not a dependency of mmvq)')
     p.add_argument('--ort-static', action='store_true',
                    help="also time onnxruntime's own static int8 quantization of the FP32 graph")
+    p.add_argument('--custom-ops', nargs='+', choices=('on', 'off'), default=['off', 'on'],
+                   help="mmvq's exports with its onnxruntime custom operators (on), the portable "
+                        'graph (off), or both (default)')
+    p.add_argument('--profile', action='store_true',
+                   help="onnxruntime's profile of every graph at the first batch size: time "
+                        'share per op kind')
     p.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs', 'deploy'))
     args = p.parse_args(argv)
     args.work_dir = osp.abspath(args.work_dir)
+    args.custom_ops = [c == 'on' for c in dict.fromkeys(args.custom_ops)]
     os.makedirs(args.work_dir, exist_ok=True)
     import platform
     rows = []

@@ -38,6 +38,10 @@ def parse_args(argv=None):
                    help='export for this input size (random input) instead of the first test image')
     p.add_argument('--batch-size', type=int, default=1)
     p.add_argument('--opset', type=int, default=17)
+    p.add_argument('--custom-ops', choices=['on', 'off'], default='off',
+                   help="on: integer LayerNorm, LIS, PTF, AdaLog and IGQ as mmvq's fused "
+                        'onnxruntime custom operators (the graph then needs mmvq to run); '
+                        'off: the portable graph every ONNX runtime runs')
     p.add_argument('--threads', type=int, default=None, help='onnxruntime threads for the check')
     p.add_argument('--cfg-options', nargs='+', action=ptq.DictAction)
     p.add_argument('--trust-checkpoint', action='store_true')
@@ -81,7 +85,8 @@ def export(args):
         batch = CalibrationSamples.from_config(runner.cfg, 1, 0, 'test')[0]
         x = model.data_preprocessor(batch, False)['inputs']
         x = x.expand(args.batch_size, *x.shape[1:]).contiguous()
-    report = export_onnx(model, x, args.out, forward_fn=forward_fn, opset=args.opset)
+    report = export_onnx(model, x, args.out, forward_fn=forward_fn, opset=args.opset,
+                         custom_ops=args.custom_ops == 'on')
     report['part'] = part
     report['runtime'] = kernels_of(args.out, args.threads)
     with torch.no_grad():

@@ -50,6 +50,10 @@ def parse_args(argv=None):
     parser.add_argument('--backend', choices=['pytorch', 'onnxruntime'], default='pytorch',
                         help='onnxruntime: also export the quantized model to ONNX (work dir onnx/) '
                              'and evaluate it in onnxruntime, a third phase of results.json')
+    parser.add_argument('--custom-ops', choices=['on', 'off'], default='off',
+                        help="with --backend onnxruntime: on = export integer LayerNorm, LIS, PTF, "
+                             "AdaLog and IGQ as mmvq's fused onnxruntime custom operators; off = "
+                             'the portable graph every ONNX runtime runs')
     parser.add_argument('--ort-threads', type=int, default=None,
                         help='onnxruntime intra-op threads (default: one per core)')
     parser.add_argument('--compare-eager', action='store_true',
@@ -149,6 +153,7 @@ def build_runner(args):
                         profile=args.profile, eval_repeats=args.eval_repeats,
                         backend=getattr(args, 'backend', 'pytorch'),
                         ort_threads=getattr(args, 'ort_threads', None),
+                        custom_ops=getattr(args, 'custom_ops', 'off') == 'on',
                         compare_eager=getattr(args, 'compare_eager', False),
                         calib_dataloader=calib_loader)
     _drop_partial_triples(cfg)

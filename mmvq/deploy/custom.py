@@ -17,7 +17,8 @@ integer LayerNorm           ``IntLayerNorm`` / ``IntLayerNormS8``:       per-ten
 PTF (residual stream)       ``FakeQuantRow``: ``s 2^alpha_c`` per        per-tensor base scale and
                             channel, one pass                            zero point
 Log-Int-Softmax             ``LogIntSoftmax``: logits quantization +     per-tensor logits scale,
-                            LIS -> ``2^-k`` (float32, exact)             the float64 form exact
+                            LIS -> ``2^-k`` (float32, exact; float64     (float64 where exact,
+                            form or the int64 definition)                else int64)
 AdaLog                      ``AdaLog``: threshold count + table          per-tensor scale and shift
 IGQ                         ``IGQ``: unit ranges, nearest group, affine  one scale / zero point per
                                                                          group
@@ -162,7 +163,6 @@ def ptf_custom(q, record):
 def lis_custom(m, record):
     """``LogIntSoftmax`` for a :class:`mmvq.modules.QuantSoftmax` on its LIS path."""
     from ..quantizers.base import host_value
-    from .export import _lis_forward
     lis, iq = m.lis_quantizer, m.input_quantizer
     if not (_per_tensor(iq.scale, iq.zero_point) and lis.bits <= 6):
         return None
@@ -172,14 +172,12 @@ def lis_custom(m, record):
               torch.tensor([scale, math.floor(-LN2 / scale), math.floor(b / a / scale),
                             math.floor(c / a / scale ** 2)], dtype=torch.float64),
               _f32(lis.pow2_table)]
-    spec = _Spec('LogIntSoftmax', lambda x, mask=None: type(m).forward(m, x, mask), consts,
-                 dict(qmin_f=float(iq.qmin), qmax_f=float(iq.qmax), n_i=int(lis.n),
-                      bits_i=int(lis.bits)))
-    portable = _lis_forward(m)
-
     def forward(x, mask=None):
-        if not float64_exact(scale, lis.n, x.shape[-1]):
-            return portable(x, mask)            # this row length: the exact int64 form
+        # the float64 form where it is exact for this row length, else int64 (as mmvq)
+        spec = _Spec('LogIntSoftmax', lambda t, mk=None: type(m).forward(m, t, mk), consts,
+                     dict(qmin_f=float(iq.qmin), qmax_f=float(iq.qmax), n_i=int(lis.n),
+                          bits_i=int(lis.bits), f64_i=int(float64_exact(scale, lis.n,
+                                                                         x.shape[-1]))))
         if mask is None:
             return _apply(spec, record, x)
         mask = mask.float()

@@ -13,7 +13,8 @@
  *   IntLayerNormS8  the same, int8 output codes
  *   FakeQuantRow    uniform fake quantization, one scale per last-axis element
  *                   (PTF on the residual stream: scale s 2^alpha_c)
- *   LogIntSoftmax   logits quantization + Log-Int-Softmax -> 2^-k (float32)
+ *   LogIntSoftmax   logits quantization + Log-Int-Softmax -> 2^-k (float32; the float64
+ *                   form where it is exact, else the int64 definition)
  *   AdaLog          AdaLog fake quantization (threshold count + table)
  *   IGQ             IGQ-ViT instance-aware groups (rows, or channels last)
  */
@@ -185,15 +186,17 @@ static OrtStatus *fq_compute(const MOp *op, void *kp, OrtKernelContext *ctx)
 /* ---------------------------------------------------------------- LogIntSoftmax */
 typedef struct {
     const float *x; float *y; int64_t N; const float *ls, *lz; float qmin, qmax;
-    const double *c; const float *mask; const int64_t *off; int n, bits; const float *table;
+    const double *c; const float *mask; const int64_t *off; int n, bits, f64; const float *table;
 } LisArgs;
 
 static void lis_rows(void *p, int64_t r0, int64_t r1)
 {
     LisArgs *a = p;
-    mmvq_lis(a->x + r0 * a->N, a->y + r0 * a->N, r1 - r0, a->N, a->ls, a->lz, a->qmin, a->qmax,
-             a->c[0], a->mask, a->mask ? a->off + r0 : NULL, a->c[1], a->c[2], a->c[3], a->n,
-             a->bits, a->table, 1);
+    /* f64: the float64 form is exact for this scale and row length (lis.py float64_exact) */
+    (a->f64 ? mmvq_lis : mmvq_lis_i64)(a->x + r0 * a->N, a->y + r0 * a->N, r1 - r0, a->N, a->ls,
+                                       a->lz, a->qmin, a->qmax, a->c[0], a->mask,
+                                       a->mask ? a->off + r0 : NULL, a->c[1], a->c[2], a->c[3],
+                                       a->n, a->bits, a->table, 1);
 }
 
 /* offsets (elements) of every row's mask row in the mask's storage, the mask
@@ -248,7 +251,7 @@ static OrtStatus *lis_compute(const MOp *op, void *kp, OrtKernelContext *ctx)
     int64_t *off = NULL;
     if (m.v) CHECK(mask_offsets(&x, &m, &off));
     LisArgs a = {x.data, y.data, N, ls.data, lz.data, (float)k->f[0], (float)k->f[1], c.data,
-                 m.v ? m.data : NULL, off, (int)k->i[0], (int)k->i[1], table.data};
+                 m.v ? m.data : NULL, off, (int)k->i[0], (int)k->i[1], (int)k->i[2], table.data};
     OrtStatus *st = over_rows(ctx, lis_rows, &a, N ? x.numel / N : 0, N);
     free(off);
     return st;
@@ -392,7 +395,7 @@ static void op_destroy(void *kernel) { free(kernel); }
 static const char *const LN_F[] = {"in_qmax", "out_qmin", "out_qmax", NULL};
 static const char *const LN_I[] = {"zero_weight", "m_bits", NULL};
 static const char *const QRANGE[] = {"qmin", "qmax", NULL};
-static const char *const LIS_I[] = {"n", "bits", NULL};
+static const char *const LIS_I[] = {"n", "bits", "f64", NULL};
 static const char *const AL_I[] = {"levels", "unshift", NULL};
 static const char *const IGQ_I[] = {"mode", NULL};
 

@@ -79,10 +79,10 @@ def _ar_members(data):
     return out
 
 
-def fetch_header(url=HEADER_DEB, sha256=HEADER_SHA256, timeout=60):
+def fetch_header(url=HEADER_DEB, sha256=HEADER_SHA256, timeout=60, dest=None):
     """Download Debian's ``libonnxruntime-dev``, check its SHA-256 and unpack
-    its headers into mmvq's cache; returns the include folder."""
-    dest = osp.join(_cache(), f'onnxruntime-{HEADER_VERSION}', 'include')
+    its headers into ``dest`` (default: mmvq's cache); returns the include folder."""
+    dest = dest or osp.join(_cache(), f'onnxruntime-{HEADER_VERSION}', 'include')
     if osp.isfile(osp.join(dest, HEADER)):
         return dest
     try:

@@ -69,6 +69,8 @@ def export_report(model, proto, forms, path=None, opset=None):
         weight_quantizers=len(weight_rows),
         weight_quantizers_in_graph=sum(1 for r in weight_rows if r['dq_nodes'] >= 1),
         emulated=sum(1 for r in rows if r['form'].startswith('emulated')),
+        custom=sum(1 for r in rows if r['form'].startswith('custom')),
+        custom_nodes=sum(1 for n in nodes if n.domain == 'mmvq'),
         summary_quantizers=sum(1 for r in summary.values() if r['enabled']))
     exported = {r['name'] for r in rows}
     checks['missing'] = sorted(
@@ -76,7 +78,8 @@ def export_report(model, proto, forms, path=None, opset=None):
                     for (m, slot), r in summary.items() if r['enabled']) if n not in exported)
     checks['ok'] = (not checks['missing']
                     and checks['qdq_quantizers'] == checks['qdq_quantizers_in_graph']
-                    and checks['weight_quantizers'] == checks['weight_quantizers_in_graph'])
+                    and checks['weight_quantizers'] == checks['weight_quantizers_in_graph']
+                    and (not checks['custom'] or checks['custom_nodes'] > 0))
     extra = {k: v for k, v in forms.items() if k not in {r['name'] for r in rows}}
     return dict(path=path, opset=opset, quantizers=rows,
                 forms=dict(Counter(r['form'].split(' (')[0] for r in rows)),
@@ -115,7 +118,8 @@ def format_report(report):
     lines.append(f'QDQ: {c["qdq_quantizers_in_graph"]}/{c["qdq_quantizers"]} activation quantizers '
                  f'as QuantizeLinear/DequantizeLinear, {c["weight_quantizers_in_graph"]}/'
                  f'{c["weight_quantizers"]} weights as integer codes + DequantizeLinear; '
-                 f'{c["emulated"]} emulated; graph: {g["nodes"]} nodes, {g["qdq_pairs"]} '
+                 f'{c["emulated"]} emulated, {c.get("custom", 0)} in mmvq custom operators '
+                 f'({c.get("custom_nodes", 0)} nodes); graph: {g["nodes"]} nodes, {g["qdq_pairs"]} '
                  f'QuantizeLinear, {g["dequantize"]} DequantizeLinear')
     if 'runtime' in report:
         rt = report['runtime']

@@ -119,7 +119,8 @@ def int8_as_uint8(proto):
     return len(done)
 
 
-def ort_session(path, threads=None, quantized=True, optimized_path=None, uint8_codes=None):
+def ort_session(path, threads=None, quantized=True, optimized_path=None, uint8_codes=None,
+                profile_prefix=None):
     """An onnxruntime CPU session for ``path``.
 
     Args:
@@ -131,6 +132,9 @@ def ort_session(path, threads=None, quantized=True, optimized_path=None, uint8_c
         uint8_codes (bool | None): give onnxruntime the graph's ``int8``
             codes as ``uint8`` (:func:`int8_as_uint8`); ``None``: where its
             U8S8 kernels saturate (:func:`u8s8_saturates`) and ``quantized``.
+        profile_prefix (str | None): onnxruntime's profiler on, its JSON
+            written under this prefix (``session.end_profiling()``;
+            :func:`profile_split` reads it).
 
     A graph with mmvq's custom operators (``export_onnx(custom_ops=True)``)
     gets their library registered (:mod:`mmvq.deploy.ort_ops`).
@@ -153,6 +157,9 @@ def ort_session(path, threads=None, quantized=True, optimized_path=None, uint8_c
     opts.log_severity_level = 3
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     if quantized:
         # a weight-only 4-bit DQ + MatMul becomes MatMulNBits; at its default
         # accuracy level 4 it quantizes its float input to int8 on the fly —
@@ -160,6 +167,38 @@ def ort_session(path, threads=None, quantized=True, optimized_path=None, uint8_c
         opts.add_session_config_entry('session.qdq_matmulnbits_accuracy_level', '1')
     kwargs = dict(disabled_optimizers=list(DISABLED_FOR_QDQ)) if quantized else {}
     return ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'], **kwargs)
+
+
+def op_kind(op_type):
+    """The profile's kind of an onnxruntime node type."""
+    from .report import INTEGER_KERNELS
+    custom = ('IntLayerNorm', 'IntLayerNormS8', 'FakeQuantRow', 'LogIntSoftmax', 'AdaLog', 'IGQ')
+    if op_type in custom:
+        return f'mmvq.{op_type}'
+    if op_type in INTEGER_KERNELS:
+        return 'integer matmul/conv'
+    if op_type in ('MatMul', 'Gemm', 'FusedMatMul', 'Conv', 'FusedConv', 'FusedGemm'):
+        return 'float matmul/conv'
+    if op_type in ('QuantizeLinear', 'DequantizeLinear', 'DynamicQuantizeLinear'):
+        return 'QuantizeLinear/DequantizeLinear'
+    if op_type in ('LayerNormalization', 'SkipLayerNormalization', 'Softmax'):
+        return f'float {op_type}'
+    return 'other'
+
+
+def profile_split(profile_json):
+    """``{op kind: share of node time}`` from an onnxruntime profile file."""
+    import json
+    with open(profile_json) as f:
+        events = json.load(f)
+    total, kinds = 0.0, {}
+    for e in events:
+        if e.get('cat') == 'Node' and e.get('name', '').endswith('_kernel_time'):
+            k = op_kind(e.get('args', {}).get('op_name', ''))
+            kinds[k] = kinds.get(k, 0.0) + e['dur']
+            total += e['dur']
+    return {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])} \
+        if total else {}
 
 
 def kernels_of(path, threads=None, quantized=True):
@@ -250,10 +289,11 @@ class DeployedModel(nn.Module):
         raise RuntimeError('DeployedModel evaluates through test_step only')
 
 
-def onnx_dir_export_fn(model, out_dir, opset=None, logger=None, reports=None):
+def onnx_dir_export_fn(model, out_dir, opset=None, logger=None, reports=None, custom_ops=False):
     """An ``export_fn`` for :class:`DeployedModel` writing ``<out_dir>/<shape>.onnx``.
 
-    ``reports`` (a dict, optional) receives each export's report by file name.
+    ``reports`` (a dict, optional) receives each export's report by file name;
+    ``custom_ops``: mmvq's onnxruntime custom operators (:func:`export_onnx`).
     """
     from .export import DEFAULT_OPSET, export_onnx
     forward_fn, part = graph_forward(model)
@@ -262,7 +302,8 @@ def onnx_dir_export_fn(model, out_dir, opset=None, logger=None, reports=None):
         name = 'x'.join(str(s) for s in x.shape) + '.onnx'
         path = osp.join(out_dir, name)
         os.makedirs(out_dir, exist_ok=True)
-        report = export_onnx(model, x, path, forward_fn=forward_fn, opset=opset or DEFAULT_OPSET)
+        report = export_onnx(model, x, path, forward_fn=forward_fn, opset=opset or DEFAULT_OPSET,
+                             custom_ops=custom_ops)
         report['part'] = part
         if reports is not None:
             reports[name] = report
@@ -270,11 +311,12 @@ def onnx_dir_export_fn(model, out_dir, opset=None, logger=None, reports=None):
             c = report['checks']
             logger.info(f'[mmvq] exported {part} for input {tuple(x.shape)} to {path}: '
                         f'{c["qdq_quantizers_in_graph"]} QDQ activations, '
-                        f'{c["weight_quantizers_in_graph"]} integer weights, {c["emulated"]} emulated')
+                        f'{c["weight_quantizers_in_graph"]} integer weights, {c["emulated"]} emulated, '
+                        f'{c.get("custom_nodes", 0)} custom operators')
         return path
     return export_fn
 
 
-__all__ = ['ort_session', 'kernels_of', 'run_session', 'graph_forward', 'DeployedModel',
+__all__ = ['ort_session', 'kernels_of', 'profile_split', 'op_kind', 'run_session', 'graph_forward', 'DeployedModel',
            'int8_as_uint8', 'u8s8_saturates',
            'onnx_dir_export_fn', 'DISABLED_FOR_QDQ']

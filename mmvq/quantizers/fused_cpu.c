@@ -463,3 +463,74 @@ void mmvq_igq_channels(const float *x, float *y, int64_t B, int64_t T, int64_t C
     }
     free(work);
 }
+
+/* Log-Int-Softmax on the int64 definition (lis.py lis_softmax, int64 path;
+ * deploy/graphs.py lis_softmax_graph), for logit scales and row lengths
+ * where the float64 form is not exact (lis.py float64_exact): the same
+ * arguments as mmvq_lis. Integer products and sums wrap as int64 tensors
+ * do (unsigned arithmetic); the divisions are exact:
+ * - q = trunc(v / x0) with v in [n x0, 0] (small integers, held exactly in
+ *   float64): floor(v (1 / x0)) corrected by one step, as mmvq_lis;
+ * - recip = trunc((2 total + e) / (2 e)): where numerator + denominator stay
+ *   below 2^53 the floor of the float64 quotient is the integer quotient
+ *   (a non-integer quotient k + f / D sits at least 1 / D below k + 1,
+ *   more than half an ulp); other rows divide in int64. */
+void mmvq_lis_i64(const float *x, float *y, int64_t R, int64_t N, const float *ls,
+                  const float *lz, float qmin, float qmax, double scale, const float *mask,
+                  const int64_t *mask_off, double x0, double b_int, double c_int, int n, int bits,
+                  const float *table, int threads)
+{
+    const int64_t levels = (int64_t)1 << bits;
+    const float s = ls[0], lo = qmin - lz[0], hi = qmax - lz[0];
+    const double inv_x0 = 1.0 / x0, lim = n * x0;
+    const int64_t bi = (int64_t)b_int, ci = (int64_t)c_int, xi0 = (int64_t)x0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        double *v = malloc(sizeof(double) * N);
+        int64_t *e = malloc(sizeof(int64_t) * N);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            const float *xr = x + r * N;
+            const float *mr = mask ? mask + mask_off[r] : NULL;
+            double mx = -INFINITY;
+            for (int64_t j = 0; j < N; j++) {
+                double t = (double)clampf(rintf(xr[j] / s), lo, hi);
+                if (mr) t += rint((double)mr[j] / scale);
+                v[j] = t;
+                mx = t > mx ? t : mx;
+            }
+            uint64_t total = 0;
+            for (int64_t j = 0; j < N; j++) {
+                double t = v[j] - mx;
+                t = t < lim ? lim : t;
+                double q = floor(t * inv_x0);
+                double rr = t + (-x0) * q;
+                q = rr > 0.0 ? q - 1.0 : (rr <= x0 ? q + 1.0 : q);
+                const int64_t qi = (int64_t)q, ti = (int64_t)t;
+                const int64_t ri = ti - qi * xi0;
+                const uint64_t poly = (uint64_t)ri * (uint64_t)(ri + bi) + (uint64_t)ci;
+                int64_t ex = (int64_t)(poly * ((uint64_t)1 << (n - qi)));
+                ex = ex < 0 ? 0 : ex;
+                e[j] = ex;
+                total += (uint64_t)ex;
+            }
+            const uint64_t two_total = total * 2;
+            /* every row term below 2^53: num + den <= 2 total + 3 e */
+            const int dbl = (int64_t)total >= 0 && total < ((uint64_t)1 << 50);
+            float *yr = y + r * N;
+            for (int64_t j = 0; j < N; j++) {
+                if (e[j] == 0) { yr[j] = 0.0f; continue; }
+                const int64_t num = (int64_t)(two_total + (uint64_t)e[j]);
+                const int64_t den = (int64_t)((uint64_t)e[j] * 2);
+                int64_t rc = dbl ? (int64_t)floor((double)num / (double)den) : num / den;
+                rc = rc < 1 ? 1 : (rc > 1099511627775LL ? 1099511627775LL : rc);
+                const int64_t vb = f64_bits((double)rc);
+                int64_t k = ((vb >> 52) & 0x7FF) - 1023 + ((vb >> 51) & 1);
+                k = k < 0 ? 0 : k;
+                yr[j] = k >= levels ? 0.0f : table[k];
+            }
+        }
+        free(v);
+        free(e);
+    }
+}

@@ -71,6 +71,8 @@ class PTQLoop(BaseLoop):
             ``<work_dir>/onnx/``) and evaluate it in onnxruntime with the same
             data and evaluator, a third phase of ``results.json``.
         ort_threads (int | None): onnxruntime intra-op threads.
+        custom_ops (bool): export with mmvq's onnxruntime custom operators
+            (:func:`mmvq.deploy.export_onnx`).
         compare_eager (bool): after the quantized evaluation, evaluate the
             same quantized model again with every quantizer on its eager
             PyTorch code (``quant.fused=False``): ``results.json`` gains
@@ -81,12 +83,13 @@ class PTQLoop(BaseLoop):
     def __init__(self, runner, dataloader, evaluator, quant=None, calib_images=None,
                  calib_split=None, seed=None, skip_fp=False, save_quantized=None,
                  load_quantized=None, max_eval_images=None, checkpoint=None, profile=False,
-                 eval_repeats=1, calib_dataloader=None, backend='pytorch', ort_threads=None,
+                 eval_repeats=1, calib_dataloader=None, backend='pytorch', ort_threads=None, custom_ops=False,
                  compare_eager=False):
         validate_qcfg(quant)
         if backend not in BACKENDS:
             raise ValueError(f'--backend {backend!r}: use one of {", ".join(BACKENDS)}')
         self.backend, self.ort_threads = backend, ort_threads
+        self.custom_ops = bool(custom_ops)
         self.compare_eager = bool(compare_eager)
         if not isinstance(eval_repeats, int) or eval_repeats < 1:
             raise ValueError(f'--eval-repeats must be a positive integer, got {eval_repeats!r}')
@@ -197,9 +200,11 @@ class PTQLoop(BaseLoop):
         """The quantized model with its exported part in onnxruntime, and the
         record ``results.json`` keeps of it (filled as graphs are exported)."""
         from ..deploy import DeployedModel, kernels_of, onnx_dir_export_fn
-        record = dict(backend='onnxruntime', threads=self.ort_threads, export_s=0.0, graphs={})
+        record = dict(backend='onnxruntime', threads=self.ort_threads, export_s=0.0, graphs={},
+                      custom_ops=self.custom_ops)
         export = onnx_dir_export_fn(self.session.model, osp.join(self.runner.work_dir, 'onnx'),
-                                    logger=self.runner.logger, reports=record['graphs'])
+                                    logger=self.runner.logger, reports=record['graphs'],
+                                    custom_ops=self.custom_ops)
 
         def timed_export(x):
             t0 = time.perf_counter()
