@@ -86,7 +86,7 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(exclude=('tests', 'tests.*', 'configs', 'configs.*', 'tools',
                                     'benchmarks')),
-    package_data={'mmvq.quantizers': ['fused_cpu.c']},
+    package_data={'mmvq.quantizers': ['fused_cpu.c'], 'mmvq.deploy': ['ort_ops.c']},
     cmdclass={'build_py': build_py_with_mim},
     entry_points={'console_scripts': ['mmvq-ptq = mmvq.cli:ptq',
                                       'mmvq-export = mmvq.cli:export',

@@ -216,3 +216,13 @@ def build_wheel(tmp_dir):
     wheels = glob.glob(osp.join(out, 'mmvq-*.whl'))
     assert len(wheels) == 1, wheels
     return wheels[0]
+
+
+def fashion_images(model, n=64):
+    """``n`` held-out Fashion-MNIST images (tests/data) through the model's preprocessor."""
+    import glob
+    import mmcv
+    files = sorted(glob.glob(osp.join(FASHION_MINI, 'val', '*', '*.png')))[::300 // n][:n]
+    imgs = [torch.from_numpy(mmcv.imread(f, channel_order='rgb')).permute(2, 0, 1).contiguous()
+            for f in files]
+    return model.data_preprocessor(dict(inputs=imgs), False)['inputs']

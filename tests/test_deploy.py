@@ -19,7 +19,7 @@ pytest.importorskip('onnxruntime')
 import onnx  # noqa: E402
 
 import mmvq  # noqa: E402
-from helpers import (FASHION_MINI, ROOT, TINY_VIT_CKPT, calibrated, quant_block,  # noqa: E402
+from helpers import (FASHION_MINI, ROOT, TINY_VIT_CKPT, calibrated, fashion_images, quant_block,  # noqa: E402
                      tiny_config, tiny_detector_case, tiny_swin_cls_case, tiny_vit_case)
 from mmvq.deploy import export_onnx, ort_session, run_session  # noqa: E402
 from mmvq.deploy.runtime import int8_as_uint8, u8s8_saturates  # noqa: E402
@@ -169,16 +169,6 @@ def _count_uniform(model):
     return sum(1 for r in mmvq.quant_summary(model) if r['enabled'] and r['kind'] in ('uniform', 'ptf'))
 
 
-def fashion_images(model, n=64):
-    """``n`` held-out Fashion-MNIST images (tests/data) through the model's preprocessor."""
-    import glob
-    import mmcv
-    files = sorted(glob.glob(osp.join(FASHION_MINI, 'val', '*', '*.png')))[::300 // n][:n]
-    imgs = [torch.from_numpy(mmcv.imread(f, channel_order='rgb')).permute(2, 0, 1).contiguous()
-            for f in files]
-    return model.data_preprocessor(dict(inputs=imgs), False)['inputs']
-
-
 # onnxruntime's integer kernels accumulate exactly where PyTorch's fake
 # quantization multiplies dequantized floats, and its float LayerNorm / GELU /
 # softmax differ in the last bits: a later quantizer's code moves now and then
@@ -310,24 +300,31 @@ def _fashion_opts():
             f'test_dataloader.dataset.data_root={root}']
 
 
-@pytest.mark.parametrize('block', ['uniform_w8a8', 'fqvit_w8a8_attn4'])
-def test_ptq_backend_onnxruntime_tiny_vit(block, tmp_path):
+@pytest.mark.parametrize('block,custom', [('uniform_w8a8', 'off'), ('fqvit_w8a8_attn4', 'off'),
+                                          ('fqvit_w8a8_attn4', 'on'), ('adalog_w4a4', 'on'),
+                                          ('igq_w4a4_g8', 'on')])
+def test_ptq_backend_onnxruntime_tiny_vit(block, custom, tmp_path):
     cfg = tiny_config(tmp_path, 'tiny_vit_cls', block)
     q = tmp_path / 'q.pth'
     res = _ptq(cfg, tmp_path / 'wd', TINY_VIT_CKPT, '--backend', 'onnxruntime', '--skip-fp',
-               '--calib-images', '16', '--save-quantized', str(q), *_fashion_opts())
+               '--calib-images', '16', '--save-quantized', str(q), '--custom-ops', custom,
+               *_fashion_opts())
     m = res['metrics']
     assert abs(m['onnxruntime']['accuracy/top1'] - m['quantized']['accuracy/top1']) <= 0.1
-    assert m['quantized']['accuracy/top1'] > 70.0
     graphs = res['deploy']['graphs']
+    assert res['deploy']['custom_ops'] == (custom == 'on')
     assert graphs and all(g['checks']['ok'] for g in graphs.values())
-    assert all(g['runtime']['integer'].get('MatMulIntegerToFloat', 0) >= 6 * 4 for g in graphs.values())
+    assert all((g['checks']['custom_nodes'] > 0) == (custom == 'on') for g in graphs.values())
+    if 'w8a8' in block:
+        assert m['quantized']['accuracy/top1'] > 70.0
+        assert all(g['runtime']['integer'].get('MatMulIntegerToFloat', 0) >= 6 * 4
+                   for g in graphs.values())
     assert res['eval_time']['per_image']['onnxruntime'] > 0
     # the same model through tools/export.py, from the quantized checkpoint
     out = tmp_path / 'vit.onnx'
     proc = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'export.py'), str(cfg),
                            TINY_VIT_CKPT, '--load-quantized', str(q), '--out', str(out),
-                           '--batch-size', '4', *_fashion_opts()],
+                           '--batch-size', '4', '--custom-ops', custom, *_fashion_opts()],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads((tmp_path / 'vit.onnx.report.json').read_text())
@@ -344,8 +341,9 @@ def test_ptq_backend_onnxruntime_tiny_vit(block, tmp_path):
 ORT_FEATURE_BOUND = dict(uniform_w8a8=0.01, fqvit_w8a8_attn4=0.026)
 
 
-@pytest.mark.parametrize('block', ['uniform_w8a8', 'fqvit_w8a8_attn4'])
-def test_tiny_detector_features_in_onnxruntime(block, tmp_path):
+@pytest.mark.parametrize('block,custom', [('uniform_w8a8', False), ('fqvit_w8a8_attn4', False),
+                                          ('fqvit_w8a8_attn4', True)])
+def test_tiny_detector_features_in_onnxruntime(block, custom, tmp_path):
     """The exported backbone + neck in onnxruntime against the fake-quantized
     PyTorch model. FQ-ViT's graph run as written (no graph optimisation: every QDQ
     pair and integer subgraph as exported) reproduces the model (measured 0.000 %);
@@ -358,11 +356,14 @@ def test_tiny_detector_features_in_onnxruntime(block, tmp_path):
     x = model.data_preprocessor(data[0], False)['inputs']
     path = str(tmp_path / 'det.onnx')
     fwd = lambda m, t: tuple(m.extract_feat(t))      # noqa: E731
-    assert export_onnx(model, x, path, forward_fn=fwd)['checks']['ok']
+    assert export_onnx(model, x, path, forward_fn=fwd, custom_ops=custom)['checks']['ok']
     with torch.no_grad():
         ref = fwd(model, x)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if custom:
+        from mmvq.deploy import ort_ops
+        ort_ops.register(opts)
     as_written = run_session(ort.InferenceSession(path, opts, providers=['CPUExecutionProvider']), x)
     outs = run_session(ort_session(path), x)
     assert len(outs) == len(as_written) == len(ref) == 5

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import mmvq  # noqa: E402
 import mmvq.modes  # noqa: E402
-from helpers import calibrated, quant_block, tiny_swin_cls_case, tiny_vit_case  # noqa: E402
+from helpers import calibrated, fashion_images, quant_block, tiny_swin_cls_case, tiny_vit_case  # noqa: E402
 from mmvq.deploy import export_onnx, ort_ops, ort_session, run_session  # noqa: E402
 from mmvq.quantizers import AdaLogQuantizer, IGQQuantizer, PTFQuantizer  # noqa: E402
 from mmvq.quantizers.lis import LN2, POLY, float64_exact, lis_softmax  # noqa: E402
@@ -128,7 +128,6 @@ def _calibrated(block, case):
 
 @pytest.mark.parametrize('block', ['fqvit_w8a8_attn4', 'adalog_w4a4', 'igq_w4a4_g8'])
 def test_tiny_vit_custom_ops_export(block, tmp_path):
-    from test_deploy import fashion_images
     model, data, forward = _calibrated(block, tiny_vit_case)
     x = fashion_images(model)
     fwd = lambda m, t: m(t, mode='tensor')                 # noqa: E731
@@ -156,6 +155,22 @@ def test_tiny_vit_custom_ops_export(block, tmp_path):
         assert float((out.argmax(1) == ref.argmax(1)).float().mean()) == 1.0
         assert float((out - ref).abs().mean() / ref.abs().mean()) < 0.01
     assert torch.equal(out_c.argmax(1), out_p.argmax(1))
+
+
+def test_custom_value_code_records_no_qdq(monkeypatch, tmp_path):
+    """A custom node's value is the module's PyTorch code, untraced: where that
+    code calls a QDQ-exported quantizer (QuantSoftmax off its fused path, as for
+    DeiT-S rows where float64 LIS is inexact), the call is not in the graph and
+    must not be counted (the export names QuantizeLinear nodes by those calls)."""
+    import mmvq.modules.softmax as softmax
+    model, data, forward = _calibrated('fqvit_w8a8_attn4', tiny_vit_case)
+    monkeypatch.setattr(softmax._fused, 'use_fused', lambda *a, **k: False)
+    x = data[0]
+    fwd = lambda m, t: m(t, mode='tensor')                 # noqa: E731
+    report = export_onnx(model, x, str(tmp_path / 'c.onnx'), forward_fn=fwd, custom_ops=True)
+    assert report['checks']['ok']
+    ops = [n.op_type for n in onnx.load(str(tmp_path / 'c.onnx')).graph.node if n.domain == 'mmvq']
+    assert ops.count('LogIntSoftmax') == 6
 
 
 def test_tiny_swin_custom_ops_with_window_masks(tmp_path):

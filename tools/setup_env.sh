@@ -85,5 +85,10 @@ say "installing mmvq (editable)"
 pip_ install -q --no-deps --no-build-isolation -e "$ROOT"
 
 "$VENV/bin/python" -c "import mmvq; mmvq.utils.print_env()"
+# onnxruntime's C API header for mmvq's custom operators (Debian's libonnxruntime-dev,
+# checked by its sha256; mmvq fetches it at first use otherwise)
+say "fetching onnxruntime's C API header (mmvq custom operators)"
+"$VENV/bin/python" -c "from mmvq.deploy import ort_ops; print(ort_ops.fetch_header())" \
+    || say "warning: the header could not be fetched; export_onnx(custom_ops=True) will try again"
 echo "$STAMP_KEY" > "$STAMP"
 say "done"

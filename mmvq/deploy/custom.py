@@ -82,6 +82,14 @@ class _Spec:
 # the exporter passes an autograd Function's non-tensor arguments only as
 # numbers: a spec travels as its key here (kept while its export runs)
 _SPECS = {}
+# > 0 while a custom node's value runs: the PyTorch code inside it (e.g. an
+# input quantizer's QDQ forward) is not in the graph and records no call
+_IN_VALUE = [0]
+
+
+def computing_value():
+    """Whether a custom operator's PyTorch value is being computed (untraced)."""
+    return _IN_VALUE[0] > 0
 
 
 class _CustomOp(torch.autograd.Function):
@@ -91,9 +99,11 @@ class _CustomOp(torch.autograd.Function):
         # the value only: the tracer records this Function as one node
         state = torch._C._get_tracing_state()
         torch._C._set_tracing_state(None)
+        _IN_VALUE[0] += 1
         try:
             return _SPECS[key].value(*xs)
         finally:
+            _IN_VALUE[0] -= 1
             torch._C._set_tracing_state(state)
 
     @staticmethod
@@ -144,7 +154,7 @@ def layernorm_custom(m, record):
     attrs = dict(in_qmax_f=float(iq.qmax), out_qmin_f=float(oq.qmin), out_qmax_f=float(oq.qmax),
                  zero_weight_i=int(bool((m.weight == 0).any())), m_bits_i=8)
     dq = (oq.scale.detach().float().reshape(()).cpu(),
-          torch.tensor(zp, dtype=torch.int8 if signed else torch.uint8))
+          torch.tensor(zp, dtype=torch.int8 if signed else torch.uint8, device='cpu'))
     spec = _Spec('IntLayerNormS8' if signed else 'IntLayerNorm',
                  lambda x: type(m).forward(m, x), consts, attrs, dq)
     return lambda x: _apply(spec, record, x)
@@ -170,7 +180,7 @@ def lis_custom(m, record):
     a, b, c = POLY
     consts = [_f32(iq.scale), _f32(iq.zero_point),
               torch.tensor([scale, math.floor(-LN2 / scale), math.floor(b / a / scale),
-                            math.floor(c / a / scale ** 2)], dtype=torch.float64),
+                            math.floor(c / a / scale ** 2)], dtype=torch.float64, device='cpu'),
               _f32(lis.pow2_table)]
     def forward(x, mask=None):
         # the float64 form where it is exact for this row length, else int64 (as mmvq)
